@@ -1,0 +1,272 @@
+"""Managing the adapters of a model: activate, disable, delete, merge, unmerge, combine, summarize.
+
+Every state change is an explicit call; `model.eval()` / `model.train()` never touch the weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .errors import LorakitError
+from .inject import ModulesToSave, _set_submodule, lora_configs
+from .layers import LoraLayer, MergedLinear
+from .merge import svd_factors, weighted_concat
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """(name, layer) for every LoRA layer in `model`."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield name, module
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of all adapters present in `model`, in the order they were added."""
+    names: dict[str, None] = {}
+    for _, layer in lora_layers(model):
+        names.update(dict.fromkeys(layer.adapter_names))
+    return list(names)
+
+
+def _require_lora(model: nn.Module, what: str) -> list[tuple[str, LoraLayer]]:
+    layers = list(lora_layers(model))
+    if not layers:
+        raise LorakitError(
+            f"{what}: {type(model).__name__} has no LoRA layer. Build it with lora.Linear / lora.Embedding / "
+            "lora.Conv2d / lora.MergedLinear, or adapt an existing model with lorakit.apply(model, LoraConfig(...))."
+        )
+    return layers
+
+
+def _check_names(model: nn.Module, names: list[str]) -> None:
+    known = adapter_names(model)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise LorakitError(f"unknown adapter(s) {unknown}; the model has {known}.")
+
+
+def set_adapter(model: nn.Module, names: str | list[str]) -> None:
+    """Make `names` the adapters that compute in the forward pass (the others stay, inactive)."""
+    names = [names] if isinstance(names, str) else list(names)
+    _require_lora(model, "set_adapter")
+    _check_names(model, names)
+    for module in model.modules():
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            module.active_adapters = [n for n in names if n in module.adapter_names]
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """The adapters that compute in the forward pass."""
+    names: dict[str, None] = {}
+    for _, layer in lora_layers(model):
+        names.update(dict.fromkeys(layer.active_adapters))
+    return list(names)
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter `name`; a layer left without adapters is replaced by the module it wrapped."""
+    _check_names(model, [name])
+    for module_name, module in list(model.named_modules()):
+        if isinstance(module, (LoraLayer, ModulesToSave)) and name in module.adapter_names:
+            module.delete_adapter(name)
+            if not module.adapter_names:
+                base = module.base_layer if isinstance(module, LoraLayer) else module.original_module
+                _set_submodule(model, module_name, base)
+    lora_configs(model).pop(name, None)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model computes as its base (no adapter, original saved modules).
+
+    Raises:
+        LorakitError: if an adapter is merged (its update is inside the weights); unmerge first.
+    """
+    modules = [m for m in model.modules() if isinstance(m, (LoraLayer, ModulesToSave))]
+    if any(isinstance(m, LoraLayer) and m.merged_adapters for m in modules):
+        raise LorakitError("an adapter is merged into the weights, so it cannot be disabled; call lorakit.unmerge(model) first.")
+    previous = [m.disabled for m in modules]
+    for m in modules:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, was in zip(modules, previous):
+            m.disabled = was
+
+
+def _refuse_tied(model: nn.Module, layers: list[tuple[str, LoraLayer]]) -> None:
+    # A weight tied to another module (GPT-2's wte and lm_head) would change that module too.
+    holders: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for pname, param in module.named_parameters(recurse=False):
+            holders.setdefault(id(param), []).append(f"{name}.{pname}")
+    for name, layer in layers:
+        others = [h for h in holders.get(id(layer.base_layer.weight), []) if not h.startswith(name + ".")]
+        if others and any(n in layer.r for n in layer.active_adapters):
+            raise LorakitError(
+                f"{name}'s weight is tied to {others[0]}; merging would change both. Keep this adapter unmerged, "
+                f"or untie the weights first (copy {others[0].rsplit('.', 1)[0]}'s weight into its own parameter)."
+            )
+
+
+def merge(model: nn.Module, adapter_names: list[str] | None = None) -> None:
+    """Fold adapters (default: the active ones) into the base weights; the forward pass then costs what
+    the base model costs. `unmerge` restores the weights exactly.
+
+    Raises:
+        LorakitError: an adapter is already merged or would put NaN/Inf into the weights (the model is
+            then left as it was).
+    """
+    layers = _require_lora(model, "merge")
+    if adapter_names is not None:
+        _check_names(model, adapter_names)
+    for _, layer in layers:
+        names = [n for n in (adapter_names or layer.active_adapters) if n in layer.r]
+        already = [n for n in names if n in layer.merged_adapters]
+        if already:
+            raise LorakitError(f"adapter(s) {already} are already merged; call lorakit.unmerge(model) before merging again.")
+    _refuse_tied(model, layers)
+    done: list[LoraLayer] = []
+    try:
+        for _, layer in layers:
+            layer.merge([n for n in (adapter_names or layer.active_adapters) if n in layer.r])
+            done.append(layer)
+    except LorakitError:
+        for layer in done:
+            layer.unmerge()
+        raise
+
+
+def unmerge(model: nn.Module) -> None:
+    """Take every merged update out of the weights, restoring them exactly."""
+    for _, layer in _require_lora(model, "unmerge"):
+        layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold the active adapters into the weights and give back the plain base architecture.
+
+    LoRA layers become the modules they wrapped (with updated weights); saved modules become the active
+    adapter's trained copy. The result has no lorakit module left in it.
+
+    Raises:
+        LorakitError: if an update holds NaN/Inf (nothing is changed then).
+    """
+    layers = _require_lora(model, "merge_and_unload")
+    _refuse_tied(model, layers)
+    for _, layer in layers:
+        layer.unmerge()
+    for _, layer in layers:  # check all before writing any
+        for name in layer.active_adapters:
+            if not torch.isfinite(layer.delta_weight(name)).all():
+                raise LorakitError(f"adapter {name!r} holds NaN/Inf; refusing to merge it into the weights.")
+    for module_name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge(keep_original=False)
+            _set_submodule(model, module_name, module.base_layer)
+        elif isinstance(module, ModulesToSave):
+            _set_submodule(model, module_name, module.current())
+    model.__dict__.pop("lorakit_configs", None)
+    return model
+
+
+def add_weighted_adapter(
+    model: nn.Module,
+    names: list[str],
+    weights: list[float],
+    new_name: str,
+    combination: str = "linear",
+    svd_rank: int | None = None,
+) -> None:
+    """Add adapter `new_name` whose update is sum_i weights[i] * update of names[i].
+
+    Args:
+        combination: "linear" stacks the factors (rank = sum of ranks): the combined update is exact
+            (PEFT calls this "cat"). "svd" takes the best rank-`svd_rank` approximation of the sum
+            (default rank: the largest of the inputs).
+
+    Raises:
+        LorakitError: unknown names, mismatched lengths, an existing new_name, or an unknown combination.
+    """
+    if combination not in ("linear", "cat", "svd"):
+        raise LorakitError(f"combination={combination!r} is invalid: use 'linear' (exact) or 'svd'.")
+    if len(names) != len(weights) or not names:
+        raise LorakitError(f"give one weight per adapter: {len(names)} names, {len(weights)} weights.")
+    _check_names(model, names)
+    if new_name in adapter_names(model):
+        raise LorakitError(f"adapter {new_name!r} already exists; choose another new_name.")
+    for _, layer in lora_layers(model):
+        if isinstance(layer, MergedLinear):
+            raise LorakitError("add_weighted_adapter does not support MergedLinear layers.")
+    ranks: dict[str, int] = {}
+    for layer_name, layer in lora_layers(model):
+        present = [(n, w) for n, w in zip(names, weights) if n in layer.r]
+        if not present:
+            continue
+        # Each factor as a matrix: B2 (rows x r), A2 (r x cols), with delta = scaling * B2 @ A2.
+        mats = [(layer.factors(n)[1].flatten(1), layer.factors(n)[0].flatten(1), layer.scaling[n]) for n, _ in present]
+        if combination == "svd":
+            delta = sum(w * s * (B2.float() @ A2.float()) for (B2, A2, s), (_, w) in zip(mats, present))
+            B2, A2 = svd_factors(delta, svd_rank or max(layer.r[n] for n, _ in present))
+        else:
+            B2, A2 = weighted_concat(mats, [w for _, w in present])
+        r = ranks[layer_name] = A2.shape[0]
+        layer.add_adapter(new_name, r, lora_alpha=r)  # scaling 1: the weights are inside B
+        A, B = layer.factors(new_name)
+        with torch.no_grad():
+            A.copy_(A2.reshape(A.shape))
+            B.copy_(B2.reshape(B.shape))
+        layer.active_adapters.remove(new_name)
+    configs = lora_configs(model)
+    if names[0] in configs:
+        # Ranks differ per module; alpha = r everywhere keeps scaling at 1, as the factors were built.
+        pattern = {re.escape(n): r for n, r in ranks.items()}
+        top = max(ranks.values())
+        configs[new_name] = configs[names[0]].replace(
+            target_modules=sorted(ranks), exclude_modules=None, layers_to_transform=None,
+            r=top, lora_alpha=top, rank_pattern=pattern, alpha_pattern=dict(pattern), use_rslora=False, init_lora_weights=True)
+
+
+@dataclass
+class Summary:
+    """Parameter counts of an adapted model and the modules that carry LoRA."""
+
+    trainable_params: int
+    total_params: int
+    modules: list[tuple[str, str, dict[str, int]]] = field(default_factory=list)
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable_params / max(self.total_params, 1)
+
+    def __str__(self) -> str:
+        lines = [f"{'module':<60} {'type':<10} ranks"]
+        lines += [f"{name:<60} {kind:<10} {ranks}" for name, kind, ranks in self.modules]
+        lines.append(
+            f"trainable params: {self.trainable_params:,} || all params: {self.total_params:,} "
+            f"|| trainable%: {self.trainable_percent:.4f}"
+        )
+        return "\n".join(lines)
+
+
+def summary(model: nn.Module, print_summary: bool = True) -> Summary:
+    """Trainable vs total parameters, and each LoRA module with its ranks; printed unless told not to."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for param in model.parameters():  # parameters() already skips tied duplicates
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        total += param.numel()
+        trainable += param.numel() if param.requires_grad else 0
+    modules = [(name, type(layer).__name__, dict(layer.r)) for name, layer in lora_layers(model)]
+    result = Summary(trainable, total, modules)
+    if print_summary:
+        print(result)
+    return result

@@ -1,0 +1,238 @@
+"""Adapter files in Hugging Face PEFT's format: `adapter_config.json` + `adapter_model.safetensors`.
+
+Keys are PEFT's: `base_model.model.<module path>.lora_A.weight` (no adapter name), biases and saved
+modules under their own paths. Tensors go through safetensors only: nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapters import adapter_names, delete_adapter, lora_layers
+from .config import LoraConfig
+from .errors import LorakitError
+from .fsutil import atomic_write_bytes, atomic_write_text
+from .inject import ModulesToSave, pattern_value, apply, lora_configs
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def _default_adapter(model: nn.Module) -> str:
+    names = adapter_names(model)
+    if not names:
+        raise LorakitError("the model has no adapter to save; add one with lorakit.apply(model, LoraConfig(...)).")
+    return names[0]
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """Adapter `adapter_name`'s tensors under PEFT's key names."""
+    config = lora_configs(model).get(adapter_name)
+    bias = config.bias if config else "none"
+    out: dict[str, torch.Tensor] = {}
+    saved_prefixes: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
+            for pname, param in module.modules_to_save[adapter_name].named_parameters():
+                out[f"{PREFIX}{name}.{pname}"] = param
+            saved_prefixes.append(name + ".")
+    for name, layer in lora_layers(model):
+        if adapter_name not in layer.r:
+            continue
+        for suffix, tensor in _export_factors(layer, adapter_name).items():
+            out[f"{PREFIX}{name}.{suffix}"] = tensor
+        if bias == "lora_only" and layer.bias is not None:
+            out[f"{PREFIX}{name}.base_layer.bias"] = layer.bias
+    if bias == "all":
+        for pname, param in model.named_parameters():
+            if pname.endswith("bias") and not any(pname.startswith(p) for p in saved_prefixes):
+                out[f"{PREFIX}{pname}"] = param
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def _export_factors(layer, adapter_name: str) -> dict[str, torch.Tensor]:
+    tensors = layer.to_peft(adapter_name)
+    initial = getattr(layer, "pissa_initial", {}).get(adapter_name)
+    if initial is None:
+        return tensors
+    # A PiSSA adapter trains on top of the residual W - s B0 A0. Against the original W its update is
+    # s (B A - B0 A0) = s [B, -B0] [A; A0]: an ordinary LoRA of rank 2r that any base model can load.
+    A0, B0 = initial
+    (a_key, A), (b_key, B) = tensors.items()
+    return {a_key: torch.cat([A, A0], dim=0), b_key: torch.cat([B, -B0], dim=1)}
+
+
+def _config_for_file(model: nn.Module, adapter_name: str) -> dict:
+    """The config to write: the one `apply` recorded, with each module's real rank where it differs."""
+    config = lora_configs(model).get(adapter_name)
+    layers = [(n, l) for n, l in lora_layers(model) if adapter_name in l.r]
+    if config is None:  # a model built from lora.Linear & co.: describe its layers exactly
+        config = LoraConfig(r=layers[0][1].r[adapter_name], lora_alpha=layers[0][1].lora_alpha[adapter_name],
+                            target_modules=[n for n, _ in layers])
+    # Exact per-module entries go first: PEFT takes the first pattern that matches a module.
+    exact_r: dict[str, int] = {}
+    exact_alpha: dict[str, float] = {}
+    for name, layer in layers:
+        file_r = next(iter(_export_factors(layer, adapter_name).values())).shape[0]
+        alpha = layer.lora_alpha[adapter_name]
+        if file_r != layer.r[adapter_name]:
+            # A MergedLinear (r per slice, rank r*k in the file) or a PiSSA adapter (rank 2r in the
+            # file): keep the same scaling factor at the file's rank.
+            alpha = layer.scaling[adapter_name] * (file_r ** 0.5 if config.use_rslora else file_r)
+        if pattern_value(config.rank_pattern, name, config.r) != file_r:
+            exact_r[re.escape(name)] = file_r
+        if pattern_value(config.alpha_pattern, name, config.lora_alpha) != alpha:
+            exact_alpha[re.escape(name)] = alpha
+    rank_pattern = {**exact_r, **config.rank_pattern}
+    alpha_pattern = {**exact_alpha, **config.alpha_pattern}
+    data = config.replace(
+        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+        init_lora_weights=True if config.init_lora_weights == "pissa" else config.init_lora_weights,
+        fan_in_fan_out=any(getattr(l, "fan_in_fan_out", False) for _, l in layers),
+    ).to_dict()
+    return data
+
+
+def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | None = None) -> Path:
+    """Write adapter `adapter_name` (default: the first) to `directory` in PEFT's format.
+
+    Each file is written atomically (temp file, then rename), the weights before the config.
+
+    Returns:
+        The directory.
+    """
+    adapter_name = adapter_name or _default_adapter(model)
+    if adapter_name not in adapter_names(model):
+        raise LorakitError(f"the model has no adapter {adapter_name!r}; it has {adapter_names(model)}.")
+    from safetensors.torch import save
+
+    directory = Path(directory)
+    tensors = adapter_state_dict(model, adapter_name)
+    atomic_write_bytes(directory / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(_config_for_file(model, adapter_name), indent=2, sort_keys=True))
+    return directory
+
+
+def read_adapter_config(directory: str | Path) -> LoraConfig:
+    """The LoraConfig stored in an adapter directory.
+
+    Raises:
+        LorakitError: the file is missing, not JSON, or holds unknown or unsupported fields.
+    """
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise LorakitError(f"{path} not found: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}.")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LorakitError(f"{path} is not valid JSON ({e}); the adapter directory is corrupt, save it again.") from e
+    if not isinstance(data, dict):
+        raise LorakitError(f"{path} must hold a JSON object with LoraConfig fields.")
+    return LoraConfig.from_dict(data, source=str(path))
+
+
+def read_adapter_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter directory (safetensors, never pickle).
+
+    Raises:
+        LorakitError: the file is missing, truncated or corrupt.
+    """
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        hint = " (lorakit reads safetensors only; re-save a .bin adapter with PEFT's safe_serialization=True)" if (
+            Path(directory) / "adapter_model.bin").is_file() else ""
+        raise LorakitError(f"{path} not found{hint}.")
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+        raise LorakitError(f"{path} is truncated or corrupt ({e}); save the adapter again.") from e
+
+
+def load_adapter(
+    model: nn.Module, directory: str | Path, adapter_name: str = "default", is_trainable: bool = False
+) -> nn.Module:
+    """Add the adapter saved in `directory` (by lorakit or PEFT) to `model` as `adapter_name`.
+
+    Args:
+        is_trainable: keep the adapter's parameters (and its biases and saved modules) trainable, to
+            continue training; by default the whole model is frozen, for inference.
+
+    Returns:
+        The same model, with the adapter active.
+
+    Raises:
+        LorakitError: missing/corrupt files, or tensors whose names or shapes do not fit the model (the
+            message names the module, the expected and the found shape). The model is then unchanged.
+    """
+    config = read_adapter_config(directory)
+    tensors = read_adapter_tensors(directory)
+    if config.init_lora_weights == "pissa":
+        raise LorakitError(
+            f"{directory} holds a PiSSA adapter saved without conversion; it only fits a PiSSA residual base. "
+            "Save it with lorakit (which converts it to a plain LoRA) or PEFT's path_initial_model_for_weight_conversion."
+        )
+    # The factors come from the file: skip random/SVD init work that would be overwritten.
+    apply(model, config.replace(init_lora_weights=True), adapter_name)
+    try:
+        _copy_tensors(model, adapter_name, tensors, str(directory))
+    except BaseException:
+        delete_adapter(model, adapter_name)
+        raise
+    if not is_trainable:
+        model.requires_grad_(False)
+    return model
+
+
+@torch.no_grad()
+def _copy_tensors(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
+    remaining = dict(tensors)
+    # Check everything first, then copy: a bad file never leaves a half-loaded adapter.
+    plan: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for name, layer in lora_layers(model):
+        if adapter_name not in layer.r:
+            continue
+        wanted = {}
+        for suffix, shape in layer.peft_shapes(layer.r[adapter_name]).items():
+            key = f"{PREFIX}{name}.{suffix}"
+            if key not in remaining:
+                raise LorakitError(f"{source}: tensor {key!r} is missing; the adapter does not fit this model (module {name}).")
+            found = tuple(remaining[key].shape)
+            if found != tuple(shape):
+                raise LorakitError(
+                    f"{source}: module {name} expects {suffix} of shape {tuple(shape)} but the file has {found}; "
+                    "the adapter was trained on a different base model or rank."
+                )
+            wanted[suffix] = remaining.pop(key)
+        plan.append((layer, wanted))
+        base_weight_key = f"{PREFIX}{name}.base_layer.weight"  # PEFT saves targeted embeddings' base too
+        if base_weight_key in remaining:
+            plan.append((layer.base_layer.weight, remaining.pop(base_weight_key)))
+    params = {f"{PREFIX}{n}": p for n, p in model.named_parameters()}
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
+            for pname, param in module.modules_to_save[adapter_name].named_parameters():
+                params[f"{PREFIX}{name}.{pname}"] = param
+                # PEFT with bias="all" also writes the copy's bias under this name
+                params[f"{PREFIX}{name}.modules_to_save.{pname}"] = param
+    for key in list(remaining):
+        if key in params:
+            if tuple(params[key].shape) != tuple(remaining[key].shape):
+                raise LorakitError(f"{source}: {key} expects shape {tuple(params[key].shape)}, the file has {tuple(remaining[key].shape)}.")
+            plan.append((params[key], remaining.pop(key)))
+    if remaining:
+        raise LorakitError(
+            f"{source}: {len(remaining)} tensor(s) match no module of this model, e.g. {sorted(remaining)[:3]}; "
+            "the adapter was saved for another architecture."
+        )
+    for dest, value in plan:
+        if isinstance(dest, torch.Tensor):
+            dest.copy_(value)
+        else:
+            dest.load_peft(adapter_name, value)

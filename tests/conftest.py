@@ -52,3 +52,43 @@ def input_ids(batch: int = 2, seq: int = 12, vocab: int = 96, seed: int = 0) -> 
 @pytest.fixture
 def ids():
     return input_ids()
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer():
+    """The embedded SmolLM2 tokenizer (ChatML template included), read from the GGUF file."""
+    from lorakit.models import default_gguf_path
+    from transformers import AutoTokenizer
+
+    path = default_gguf_path()
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm_tokenizer):
+    """A 2-layer random Llama with SmolLM2's vocabulary and tokenizer, saved as a HF directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tok = smollm_tokenizer
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(cfg).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def task_files(tmp_path_factory):
+    """The built-in task written as JSONL: (train file, eval file), small."""
+    import json
+
+    from lorakit.tasks import builtin_task
+
+    train, evals = builtin_task(n_train=48, n_eval=8, seed=0)
+    directory = tmp_path_factory.mktemp("task")
+    for name, rows in (("train.jsonl", train), ("eval.jsonl", evals)):
+        (directory / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return directory / "train.jsonl", directory / "eval.jsonl"

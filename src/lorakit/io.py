@@ -67,7 +67,7 @@ def _export_factors(layer, adapter_name: str) -> dict[str, torch.Tensor]:
     return {a_key: torch.cat([A, A0], dim=0), b_key: torch.cat([B, -B0], dim=1)}
 
 
-def _config_for_file(model: nn.Module, adapter_name: str) -> dict:
+def adapter_config_dict(model: nn.Module, adapter_name: str) -> dict:
     """The config to write: the one `apply` recorded, with each module's real rank where it differs."""
     config = lora_configs(model).get(adapter_name)
     layers = [(n, l) for n, l in lora_layers(model) if adapter_name in l.r]
@@ -114,7 +114,7 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
     directory = Path(directory)
     tensors = adapter_state_dict(model, adapter_name)
     atomic_write_bytes(directory / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
-    atomic_write_text(directory / CONFIG_NAME, json.dumps(_config_for_file(model, adapter_name), indent=2, sort_keys=True))
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(adapter_config_dict(model, adapter_name), indent=2, sort_keys=True))
     return directory
 
 
@@ -181,7 +181,7 @@ def load_adapter(
     # The factors come from the file: skip random/SVD init work that would be overwritten.
     apply(model, config.replace(init_lora_weights=True), adapter_name)
     try:
-        _copy_tensors(model, adapter_name, tensors, str(directory))
+        copy_adapter_tensors(model, adapter_name, tensors, str(directory))
     except BaseException:
         delete_adapter(model, adapter_name)
         raise
@@ -191,7 +191,7 @@ def load_adapter(
 
 
 @torch.no_grad()
-def _copy_tensors(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
+def copy_adapter_tensors(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor], source: str) -> None:
     remaining = dict(tensors)
     # Check everything first, then copy: a bad file never leaves a half-loaded adapter.
     plan: list[tuple[torch.Tensor, torch.Tensor]] = []

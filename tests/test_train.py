@@ -110,7 +110,8 @@ def test_kill_9_then_resume(tiny_model_dir, task_files, tmp_path):
     proc.wait()
     assert (ckpts / "latest").exists(), "no checkpoint was written before the kill"
     latest = ckpts / (ckpts / "latest").read_text().strip()
-    assert (latest / "trainer_state.json").is_file() and (latest / "adapter_model.safetensors").is_file()
+    assert (latest / "trainer_state.json").is_file() and (latest / "trainable.safetensors").is_file()
+    assert (latest / "adapter" / "adapter_model.safetensors").is_file()
     assert not (tmp_path / "run" / "adapter").exists()
     assert main(args + ["--resume"]) == 0
     full = tmp_path / "full"

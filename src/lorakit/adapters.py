@@ -5,6 +5,7 @@ Every state change is an explicit call; `model.eval()` / `model.train()` never t
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -16,6 +17,7 @@ from .errors import LorakitError
 from .inject import ModulesToSave, _set_submodule, lora_configs
 from .layers import LoraLayer, MergedLinear
 from .merge import svd_factors, weighted_concat
+from .quantize import dequantize_model
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
@@ -153,7 +155,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Fold the active adapters into the weights and give back the plain base architecture.
 
     LoRA layers become the modules they wrapped (with updated weights); saved modules become the active
-    adapter's trained copy. The result has no lorakit module left in it.
+    adapter's trained copy. The result has no lorakit module left in it; bitsandbytes 4-bit/8-bit layers
+    (a QLoRA base) become plain nn.Linear layers in their compute dtype, dequantized before the merge.
 
     Raises:
         LorakitError: if an update holds NaN/Inf (nothing is changed then).
@@ -166,6 +169,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         for name in layer.active_adapters:
             if not torch.isfinite(layer.delta_weight(name)).all():
                 raise LorakitError(f"adapter {name!r} holds NaN/Inf; refusing to merge it into the weights.")
+    # A quantized (QLoRA) base is dequantized to its compute dtype first: an update is never rounded into 4 bits.
+    dequantize_model(model)
     for module_name, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
             module.merge(keep_original=False)
@@ -263,8 +268,10 @@ def summary(model: nn.Module, print_summary: bool = True) -> Summary:
         if id(param) in seen:
             continue
         seen.add(id(param))
-        total += param.numel()
-        trainable += param.numel() if param.requires_grad else 0
+        # a 4-bit (QLoRA) weight stores two values per byte: count the weights its quant_state describes
+        n = math.prod(param.quant_state.shape) if getattr(param, "quant_state", None) is not None else param.numel()
+        total += n
+        trainable += n if param.requires_grad else 0
     modules = [(name, type(layer).__name__, dict(layer.r)) for name, layer in lora_layers(model)]
     result = Summary(trainable, total, modules)
     if print_summary:

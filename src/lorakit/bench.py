@@ -42,8 +42,10 @@ class BenchTrainConfig:
     """Untimed steps first."""
     configs: list[str] = field(default_factory=lambda: ["floor", "lorakit", "peft", "full"])
     """Configurations to run: floor, lorakit, peft, full."""
-    method: Literal["lora"] = "lora"
-    """Adapter method for the lorakit configuration."""
+    method: Literal["lora", "dora"] = "lora"
+    """Adapter method of the lorakit and peft configurations: lora, or dora (PEFT's use_dora=True)."""
+    quantize: Literal["none", "nf4", "int8"] = "none"
+    """QLoRA: the lorakit configuration's frozen base in 4-bit NF4 or int8 (bitsandbytes)."""
     device: str | None = None
     """cpu, cuda ...; default: cuda if available."""
     json: bool = False
@@ -75,6 +77,19 @@ def _peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def _reset_peak_memory(device: torch.device) -> bool:
+    """Restart the peak from the current usage, so that it covers the steps and not the model's loading."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:  # Linux: "5" resets the RSS high-water mark (ru_maxrss)
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _batch(cfg: BenchTrainConfig, vocab: int, device: torch.device) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len), generator=g).to(device)
@@ -82,14 +97,18 @@ def _batch(cfg: BenchTrainConfig, vocab: int, device: torch.device) -> dict[str,
 
 
 def _step_function(name: str, cfg: BenchTrainConfig, device: torch.device):
-    """Build configuration `name` and return a function that runs one training step."""
+    """Build configuration `name`; return a function that runs one training step, and the model it trains."""
     from .config import LoraConfig
     from .inject import apply
     from .loss import loss_sum
     from .models import default_dtype, load_model
+    from .quantize import quantize_model
 
     dtype = default_dtype(device)
-    model = load_model(cfg.model, device=device).model
+    # floor and lorakit hold the frozen base in the compute dtype; peft and full keep fp32 weights, as
+    # their users run them under autocast
+    load_dtype = dtype if name in ("floor", "lorakit") else torch.float32
+    model = load_model(cfg.model, device=device, dtype=load_dtype).model
     batch = _batch(cfg, model.config.vocab_size, device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
@@ -104,13 +123,15 @@ def _step_function(name: str, cfg: BenchTrainConfig, device: torch.device):
             logits = model.get_output_embeddings()(hidden[:, :-1])
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"][:, 1:].flatten())
             loss.backward()
-        return step
+        return step, model
 
     if name == "lorakit":
         from .train import TrainConfig, make_optimizer
 
         model.to(dtype)  # as lorakit train: the frozen base in the compute dtype, LoRA in fp32
-        apply(model, LoraConfig(r=cfg.r, lora_alpha=2 * cfg.r, target_modules=list(cfg.target_modules)))
+        quantize_model(model, cfg.quantize, dtype)
+        apply(model, LoraConfig(r=cfg.r, lora_alpha=2 * cfg.r, target_modules=list(cfg.target_modules),
+                                use_dora=cfg.method == "dora"))
         model.train()
         opt = make_optimizer(model, TrainConfig(lr=1e-4))
 
@@ -119,13 +140,13 @@ def _step_function(name: str, cfg: BenchTrainConfig, device: torch.device):
             (total / n).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return step
+        return step, model
 
     if name == "peft":
         from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model
 
-        peft_model = get_peft_model(model, PeftLoraConfig(r=cfg.r, lora_alpha=2 * cfg.r,
+        peft_model = get_peft_model(model, PeftLoraConfig(r=cfg.r, lora_alpha=2 * cfg.r, use_dora=cfg.method == "dora",
                                                           target_modules=list(cfg.target_modules)))
         peft_model.train()
         opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
@@ -136,7 +157,7 @@ def _step_function(name: str, cfg: BenchTrainConfig, device: torch.device):
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return step
+        return step, peft_model
 
     if name == "full":
         model.train()
@@ -148,17 +169,26 @@ def _step_function(name: str, cfg: BenchTrainConfig, device: torch.device):
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return step
+        return step, model
     raise LorakitError(f"unknown bench configuration {name!r}: use floor, lorakit, peft or full.")
 
 
 def run_one(name: str, cfg: BenchTrainConfig) -> dict:
-    """Time configuration `name` in this process; returns tokens_per_s, step_s, peak_mem_bytes."""
+    """Time configuration `name` in this process.
+
+    Returns:
+        tokens_per_s, step_s; peak_mem_bytes (the process's peak, loading included: RSS on CPU);
+        step_peak_mem_bytes (the peak over the steps alone, None where it cannot be reset); model_bytes
+        (the model's own tensors: weights, quantization scales, adapters).
+    """
     from .models import default_device
+    from .quantize import tensor_bytes
 
     device = torch.device(cfg.device) if cfg.device else default_device()
     torch.manual_seed(0)
-    step = _step_function(name, cfg, device)
+    step, model = _step_function(name, cfg, device)
+    setup_peak = _peak_memory(device)
+    step_peak_known = _reset_peak_memory(device)
     for _ in range(cfg.warmup):
         step()
     if device.type == "cuda":
@@ -170,7 +200,9 @@ def run_one(name: str, cfg: BenchTrainConfig) -> dict:
         torch.cuda.synchronize()
     step_s = (time.perf_counter() - start) / cfg.steps
     return {"tokens_per_s": cfg.batch_size * cfg.seq_len / step_s, "step_s": step_s,
-            "peak_mem_bytes": _peak_memory(device)}
+            "peak_mem_bytes": max(setup_peak, _peak_memory(device)),
+            "step_peak_mem_bytes": _peak_memory(device) if step_peak_known else None,
+            "model_bytes": tensor_bytes(model)}
 
 
 def _in_subprocess(name: str, cfg: BenchTrainConfig) -> dict:
@@ -192,12 +224,15 @@ def _ratios(results: dict[str, dict]) -> None:
 
 
 def train_table(results: dict[str, dict]) -> str:
-    lines = ["| config | tokens/s | step (s) | peak memory (GB) | vs floor (tok/s) | vs peft (tok/s) | vs peft (memory) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| config | tokens/s | step (s) | peak memory (GB) | vs floor (tok/s) | vs peft (tok/s) | vs peft (memory) "
+             "| model (GB) | steps peak (GB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         f = lambda key: f"{r[key]:.2f}x" if key in r else "-"  # noqa: E731
+        steps_peak = f"{r['step_peak_mem_bytes'] / 1e9:.2f}" if r.get("step_peak_mem_bytes") else "-"
         lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {r['step_s']:.3f} | {r['peak_mem_bytes'] / 1e9:.2f} | "
-                     f"{f('tokens_per_s_vs_floor')} | {f('tokens_per_s_vs_peft')} | {f('peak_mem_vs_peft')} |")
+                     f"{f('tokens_per_s_vs_floor')} | {f('tokens_per_s_vs_peft')} | {f('peak_mem_vs_peft')} "
+                     f"| {r['model_bytes'] / 1e9:.3f} | {steps_peak} |")
     return "\n".join(lines)
 
 
@@ -206,7 +241,7 @@ def bench_train(cfg: BenchTrainConfig) -> dict:
     results = {name: _in_subprocess(name, cfg) for name in cfg.configs}
     _ratios(results)
     out = {"model": cfg.model or "default", "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "r": cfg.r,
-           "torch": torch.__version__, "configs": results}
+           "quantize": cfg.quantize, "torch": torch.__version__, "configs": results}
     print(json.dumps(out, indent=2) if cfg.json else train_table(results))
     return out
 

@@ -9,7 +9,11 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from .bench import BenchInferConfig, BenchTrainConfig, bench_infer, bench_train
+from .compress import CompressConfig, run_compress
 from .errors import LorakitError
+from .plan import PlanConfig, run_plan
+from .rank import RankConfig, run_rank
+from .sweep import SweepConfig, run_sweep
 from .train import TrainConfig, train
 
 
@@ -17,19 +21,24 @@ def _base_model_for(model: str | None, adapter: str | None) -> str | None:
     """--model, else the base model recorded in the adapter's config, else the embedded default."""
     if model or not adapter:
         return model
-    from .io import read_adapter_config
+    from .combine import base_model_of
 
-    return read_adapter_config(adapter).base_model_name_or_path
+    return base_model_of(adapter)
 
 
-def _load(model: str | None, adapter: str | None, device: str | None, precision: str = "auto"):
-    """The base model (in the compute dtype) with the adapter applied, and its tokenizer."""
-    from .io import load_adapter
+def _load(model: str | None, adapter: str | None, device: str | None, precision: str = "auto",
+          quantize: str = "none"):
+    """The base model (in the compute dtype, quantized if asked) with the adapter (any method, or several)
+    applied, and its tokenizer."""
+    from .combine import load as load_adapter
     from .models import load_model
+    from .quantize import quantize_model
     from .train import compute_dtype
 
     loaded = load_model(_base_model_for(model, adapter), device=device)
-    loaded.model.to(compute_dtype(precision, loaded.model.device))
+    dtype = compute_dtype(precision, loaded.model.device)
+    loaded.model.to(dtype)
+    quantize_model(loaded.model, quantize, dtype)
     if adapter:
         load_adapter(loaded.model, adapter)
     return loaded
@@ -56,6 +65,8 @@ class EvalConfig:
     """Print a JSON object instead of a table."""
     device: str | None = None
     """cpu, cuda ..."""
+    quantize: Literal["none", "nf4", "int8"] = "none"
+    """Hold the base's block linears in 4-bit NF4 or int8, as a QLoRA adapter was trained."""
 
 
 def run_eval(cfg: EvalConfig) -> dict:
@@ -65,7 +76,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     from .tasks import builtin_task
     from .train import Datasets
 
-    loaded = _load(cfg.model, cfg.adapter, cfg.device)
+    loaded = _load(cfg.model, cfg.adapter, cfg.device, quantize=cfg.quantize)
     if cfg.data is None:
         _, records = builtin_task(n_eval=cfg.eval_samples)
         fmt = "instruction"
@@ -99,6 +110,8 @@ class GenerateConfig:
     """Use the prompt as is, without the chat template."""
     device: str | None = None
     """cpu, cuda ..."""
+    quantize: Literal["none", "nf4", "int8"] = "none"
+    """Hold the base's block linears in 4-bit NF4 or int8, as a QLoRA adapter was trained."""
 
 
 def _reply(loaded, messages_or_text, cfg) -> str:
@@ -122,7 +135,7 @@ def _reply(loaded, messages_or_text, cfg) -> str:
 
 def run_generate(cfg: GenerateConfig) -> str:
     """Generate one reply from the base model or base + adapter."""
-    loaded = _load(cfg.model, cfg.adapter, cfg.device)
+    loaded = _load(cfg.model, cfg.adapter, cfg.device, quantize=cfg.quantize)
     prompt = cfg.prompt if cfg.prompt is not None else sys.stdin.read()
     reply = _reply(loaded, prompt if cfg.raw else [{"role": "user", "content": prompt}], cfg)
     print(reply)
@@ -131,7 +144,7 @@ def run_generate(cfg: GenerateConfig) -> str:
 
 def run_chat(cfg: GenerateConfig) -> None:
     """An interactive chat (empty line or Ctrl-D ends it)."""
-    loaded = _load(cfg.model, cfg.adapter, cfg.device)
+    loaded = _load(cfg.model, cfg.adapter, cfg.device, quantize=cfg.quantize)
     messages: list[dict] = []
     print("lorakit chat: empty line or Ctrl-D to quit")
     while True:
@@ -158,20 +171,26 @@ class MergeConfig:
     """Base model; omitted: the adapter's recorded base, else the embedded default."""
     precision: Literal["bf16", "fp16", "fp32"] = "fp32"
     """dtype of the written weights."""
+    quantize: Literal["none", "nf4", "int8"] = "none"
+    """Merge onto the base as a QLoRA adapter saw it: quantized, then dequantized to fp32 (none: the original weights)."""
 
 
 def run_merge(cfg: MergeConfig) -> Path:
     """Write base + adapter as a standard transformers model directory (AutoModelForCausalLM loads it)."""
-    from .adapters import merge_and_unload
+    from .combine import load as load_adapter
+    from .combine import merge_and_unload
     from .fsutil import atomic_directory
-    from .io import load_adapter
+    import torch
+
     from .models import load_model
+    from .quantize import quantize_model
     from .train import compute_dtype
 
     if not cfg.adapter or not cfg.output:
         raise LorakitError("lorakit merge needs --adapter DIR and --output DIR.")
     loaded = load_model(_base_model_for(cfg.model, cfg.adapter))
     model = loaded.model  # merge in fp32, then cast: no rounding of the update into bf16 before the sum
+    quantize_model(model, cfg.quantize, torch.float32)  # merge_and_unload dequantizes it to fp32
     load_adapter(model, cfg.adapter)
     merged = merge_and_unload(model)
     merged.to(compute_dtype(cfg.precision, merged.device))
@@ -234,8 +253,13 @@ COMMANDS: dict[str, tuple[type, Callable, tuple[str, ...], str]] = {
     "chat": (GenerateConfig, run_chat, (), "Chat interactively."),
     "merge": (MergeConfig, run_merge, (), "Fold an adapter into its base and save a transformers model."),
     "info": (InfoConfig, run_info, ("adapter",), "Describe an adapter directory."),
+    "plan": (PlanConfig, run_plan, ("model_or_config",),
+             "Parameters, adapter size and training memory of full / LoRA / QLoRA, without loading the model."),
     "bench train": (BenchTrainConfig, bench_train, (), "Training step speed and memory: floor, lorakit, peft, full."),
     "bench infer": (BenchInferConfig, bench_infer, (), "Generation speed: base, unmerged adapter, merged."),
+    "rank": (RankConfig, run_rank, ("adapter",), "Singular values and effective rank of each module's update; suggested rank_pattern."),
+    "compress": (CompressConfig, run_compress, ("adapter",), "Cut an adapter's per-module rank by SVD (--rank N or --energy X)."),
+    "sweep": (SweepConfig, run_sweep, (), "Train at several --ranks (or --methods) and compare quality, size, speed, memory."),
 }
 
 

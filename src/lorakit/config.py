@@ -18,7 +18,7 @@ BIAS_CHOICES = ("none", "all", "lora_only")
 _PEFT_FIELDS_AT_DEFAULT: dict[str, Any] = {
     "peft_type": "LORA", "auto_mapping": None, "revision": None, "inference_mode": None,
     "peft_version": None, "megatron_config": None, "megatron_core": None, "loftq_config": {},
-    "layer_replication": None, "use_dora": False, "lora_bias": False, "eva_config": None,
+    "layer_replication": None, "lora_bias": False, "eva_config": None,
     "corda_config": None, "trainable_token_indices": None, "target_parameters": None,
     "use_qalora": False, "qalora_group_size": None, "alora_invocation_tokens": None,
     "arrow_config": None, "ensure_weight_tying": False, "kasa_config": None, "lora_ga_config": None,
@@ -48,6 +48,8 @@ class LoraConfig:
         rank_pattern: {regex on module name: rank} overriding r for the modules that match.
         alpha_pattern: {regex on module name: alpha} overriding lora_alpha likewise.
         use_rslora: rank-stabilized scaling lora_alpha / sqrt(r).
+        use_dora: DoRA (weight-decomposed LoRA, linear layers only): a trainable magnitude per output row
+            rescales the direction W + s B A (see lorakit.dora).
         init_lora_weights: True (A Kaiming-uniform, B zero), "gaussian" (A ~ N(0, 1/r)), "pissa" (A, B
             from the top-r singular triplets of W; W keeps the residual), or False (B random too:
             the adapter changes the output from the start; for tests).
@@ -73,6 +75,7 @@ class LoraConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_rslora: bool = False
+    use_dora: bool = False
     init_lora_weights: bool | str = True
     bias: str = "none"
     modules_to_save: list[str] | None = None
@@ -99,6 +102,8 @@ class LoraConfig:
             raise LorakitError(
                 f"init_lora_weights={self.init_lora_weights!r} is invalid: use True, False, 'gaussian' or 'pissa'."
             )
+        if self.use_dora and self.init_lora_weights == "pissa":
+            raise LorakitError("use_dora=True with init_lora_weights='pissa' is not supported; use one of the two.")
         for key, rank in self.rank_pattern.items():
             _check_rank(f"rank_pattern[{key!r}]", rank)
         for key, alpha in self.alpha_pattern.items():
@@ -117,7 +122,7 @@ class LoraConfig:
     def to_dict(self) -> dict[str, Any]:
         """The config as a PEFT adapter_config.json dict."""
         out = dataclasses.asdict(self)
-        out.update(peft_type="LORA", inference_mode=True, use_dora=False, revision=None)
+        out.update(peft_type="LORA", inference_mode=True, revision=None)
         return out
 
     @classmethod
@@ -160,3 +165,43 @@ def _check_rank(name: str, value: Any) -> None:
 def _check_alpha(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
         raise LorakitError(f"{name}={value!r} is invalid: lora_alpha must be a positive number, e.g. 16.")
+
+
+# What PEFT writes into every adapter_config.json beside the method's own fields.
+PEFT_METADATA = frozenset({"peft_type", "auto_mapping", "revision", "inference_mode", "peft_version"})
+
+
+def config_from_dict(cls: type, data: dict[str, Any], peft_type: str, source: str,
+                     unsupported: dict[str, Any] | None = None, ignored: frozenset[str] = frozenset()) -> Any:
+    """A method's config dataclass (IA3Config, PrefixConfig, ...) from an adapter_config.json dict.
+
+    Args:
+        cls: the config dataclass; its fields are read, PEFT's metadata fields are skipped.
+        peft_type: the value the file's peft_type must have.
+        source: the file, for messages.
+        unsupported: PEFT fields lorakit accepts only at the given value (a feature it does not implement).
+        ignored: PEFT fields that do not change the loaded adapter (e.g. how PEFT initialized it).
+
+    Returns:
+        An instance of `cls`.
+
+    Raises:
+        LorakitError: another peft_type, an unknown field, or an unsupported feature switched on.
+    """
+    unsupported = unsupported or {}
+    if data.get("peft_type", peft_type) != peft_type:
+        raise LorakitError(f"{source}: peft_type={data['peft_type']!r}, expected {peft_type!r}.")
+    own = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in own:
+            kwargs[key] = value
+        elif key in unsupported:
+            if value not in (unsupported[key], None):
+                raise LorakitError(f"{source}: {key}={value!r} asks for a PEFT feature lorakit does not support; "
+                                   f"set it to {unsupported[key]!r}.")
+        elif key not in PEFT_METADATA and key not in ignored:
+            close = difflib.get_close_matches(key, sorted(own), n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else f" Known fields: {', '.join(sorted(own))}."
+            raise LorakitError(f"{source}: unknown {cls.__name__} field {key!r}.{hint}")
+    return cls(**kwargs)

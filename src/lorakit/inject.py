@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from . import dora
 from .config import LoraConfig
 from .errors import LorakitError
 from .layers import LoraLayer, is_transposed_linear, lora_class_for
@@ -148,6 +149,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[Target]:
                 f"target_modules={config.target_modules!r} matched {name!r} ({type(base).__name__}), which lorakit "
                 "cannot adapt: LoRA applies to Linear, Conv1D, Embedding and Conv1d/2d/3d layers. Name those layers instead."
             )
+        layer_class = dora.layer_class_for(name, module, layer_class, config.use_dora)
         r = pattern_value(config.rank_pattern, name, config.r)
         alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
         targets.append(Target(name, module, layer_class, r, alpha))
@@ -240,7 +242,7 @@ def freeze_all_but(model: nn.Module, adapter_name: str, bias: str = "none") -> N
         param.requires_grad_(False)
     for module in model.modules():
         if isinstance(module, LoraLayer) and adapter_name in module.r:
-            for param in module.factors(adapter_name):
+            for param in module.adapter_parameters(adapter_name):
                 param.requires_grad_(True)
             if bias == "lora_only" and module.bias is not None:
                 module.bias.requires_grad_(True)

@@ -109,12 +109,16 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
     adapter_name = adapter_name or _default_adapter(model)
     if adapter_name not in adapter_names(model):
         raise LorakitError(f"the model has no adapter {adapter_name!r}; it has {adapter_names(model)}.")
+    return write_adapter_files(directory, adapter_config_dict(model, adapter_name), adapter_state_dict(model, adapter_name))
+
+
+def write_adapter_files(directory: str | Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write adapter_model.safetensors, then adapter_config.json, each atomically; returns the directory."""
     from safetensors.torch import save
 
     directory = Path(directory)
-    tensors = adapter_state_dict(model, adapter_name)
     atomic_write_bytes(directory / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
-    atomic_write_text(directory / CONFIG_NAME, json.dumps(adapter_config_dict(model, adapter_name), indent=2, sort_keys=True))
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
     return directory
 
 
@@ -124,6 +128,15 @@ def read_adapter_config(directory: str | Path) -> LoraConfig:
     Raises:
         LorakitError: the file is missing, not JSON, or holds unknown or unsupported fields.
     """
+    return LoraConfig.from_dict(read_config_json(directory), source=str(Path(directory) / CONFIG_NAME))
+
+
+def read_config_json(directory: str | Path) -> dict:
+    """The JSON object in an adapter directory's adapter_config.json, for any method.
+
+    Raises:
+        LorakitError: the file is missing, not JSON, or not a JSON object.
+    """
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise LorakitError(f"{path} not found: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}.")
@@ -132,8 +145,28 @@ def read_adapter_config(directory: str | Path) -> LoraConfig:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LorakitError(f"{path} is not valid JSON ({e}); the adapter directory is corrupt, save it again.") from e
     if not isinstance(data, dict):
-        raise LorakitError(f"{path} must hold a JSON object with LoraConfig fields.")
-    return LoraConfig.from_dict(data, source=str(path))
+        raise LorakitError(f"{path} must hold a JSON object with the adapter's config fields.")
+    return data
+
+
+@torch.no_grad()
+def copy_named_tensors(dest: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy tensors[key] into dest[key] for every key, after checking that the keys and shapes agree.
+
+    Raises:
+        LorakitError: a key is missing or extra, or a shape differs (nothing is copied then).
+    """
+    missing, extra = sorted(dest.keys() - tensors.keys()), sorted(tensors.keys() - dest.keys())
+    if missing or extra:
+        raise LorakitError(
+            f"{source}: the adapter does not fit this model: {len(missing)} tensor(s) missing (e.g. {missing[:2]}), "
+            f"{len(extra)} unexpected (e.g. {extra[:2]}); it was saved for another architecture or config."
+        )
+    for key, param in dest.items():
+        if tuple(param.shape) != tuple(tensors[key].shape):
+            raise LorakitError(f"{source}: {key} expects shape {tuple(param.shape)}, the file has {tuple(tensors[key].shape)}.")
+    for key, param in dest.items():
+        param.copy_(tensors[key])
 
 
 def read_adapter_tensors(directory: str | Path) -> dict[str, torch.Tensor]:

@@ -5,12 +5,15 @@ TrainConfig. "a+b" runs several methods in one model (each applied in turn).
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 from torch import nn
 
+from . import bottleneck, ia3, prefix, prompt_tuning
+from .adalora import AdaLoraMethod
 from .errors import LorakitError
 
 if TYPE_CHECKING:
@@ -36,18 +39,17 @@ class Method(Protocol):
 
 
 class LoraMethod:
-    """Plain LoRA (with rsLoRA, PiSSA/gaussian init, LoRA+ via the optimizer)."""
+    """LoRA from the TrainConfig (rsLoRA, gaussian/PiSSA init, LoRA+ via the optimizer); `changes` to its
+    LoraConfig make the variants ("dora": use_dora=True, "pissa": init_lora_weights="pissa")."""
 
-    name = "lora"
-
-    def __init__(self, cfg: "TrainConfig") -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: "TrainConfig", name: str = "lora", **changes) -> None:
+        self.cfg, self.name, self.changes = cfg, name, changes
 
     def apply(self, model: nn.Module, source: str) -> None:
         from .inject import apply
         from .train import lora_config
 
-        apply(model, lora_config(self.cfg, source))
+        apply(model, lora_config(self.cfg, source).replace(**self.changes))
 
     def save(self, model: nn.Module, directory: Path) -> None:
         from .io import save_adapter
@@ -62,6 +64,41 @@ class LoraMethod:
 
 
 METHODS: dict[str, Callable[["TrainConfig"], Method]] = {"lora": LoraMethod}
+
+
+METHODS["adalora"] = AdaLoraMethod
+
+
+class ModuleMethod:
+    """A method that one lorakit module implements with apply(model, config) and save(model, directory):
+    ia3, bottleneck, prefix, prompt_tuning."""
+
+    def __init__(self, name: str, module, config) -> None:
+        self.name, self.module, self.config = name, module, config
+
+    def apply(self, model: nn.Module, source: str) -> None:
+        self.module.apply(model, dataclasses.replace(self.config, base_model_name_or_path=source))
+
+    def save(self, model: nn.Module, directory: Path) -> None:
+        self.module.save(model, directory)
+
+    def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
+        return None
+
+    def regularizer(self, model: nn.Module) -> torch.Tensor | None:
+        return None
+
+
+METHODS["dora"] = lambda cfg: LoraMethod(cfg, "dora", use_dora=True)
+METHODS["pissa"] = lambda cfg: LoraMethod(cfg, "pissa", init_lora_weights="pissa")
+METHODS["ia3"] = lambda cfg: ModuleMethod("ia3", ia3, ia3.IA3Config(
+    target_modules=cfg.ia3_target_modules or None, feedforward_modules=cfg.ia3_feedforward_modules or None,
+    task_type="CAUSAL_LM"))
+METHODS["adapter"] = lambda cfg: ModuleMethod("adapter", bottleneck, bottleneck.BottleneckConfig(
+    bottleneck_size=cfg.bottleneck_size, placement=cfg.adapter_placement))
+METHODS["prefix"] = lambda cfg: ModuleMethod("prefix", prefix, prefix.PrefixConfig(num_virtual_tokens=cfg.num_virtual_tokens))
+METHODS["prompt"] = lambda cfg: ModuleMethod("prompt", prompt_tuning, prompt_tuning.PromptTuningConfig(
+    num_virtual_tokens=cfg.num_virtual_tokens))
 
 
 def make_methods(cfg: "TrainConfig") -> list[Method]:

@@ -18,6 +18,11 @@ from torch import nn
 
 from .errors import LorakitError
 
+# Default --method-lr-ratio: IA3 vectors and virtual tokens move the model through far fewer numbers than
+# LoRA's factors and train at larger rates; at the default --lr these give PEFT's usual 1e-2 (IA3, prefix
+# tuning) and 3e-2 (prompt tuning).
+METHOD_LR_RATIO = {"ia3": 20.0, "prefix": 20.0, "prompt": 60.0}
+
 
 @dataclass
 class TrainConfig:
@@ -32,7 +37,19 @@ class TrainConfig:
     output: str = "runs/lorakit"
     """Run directory: adapter/, checkpoints/, config.yaml, metrics.jsonl, loss.png, report.md."""
     method: str = "lora"
-    """Parameter-efficient method: lora, or others registered in lorakit.methods; several joined by '+'."""
+    """Parameter-efficient method: lora, dora, pissa, ia3, adapter, prefix, prompt (lorakit.methods); several joined by '+', e.g. lora+prefix."""
+    method_lr_ratio: dict[str, float] = field(default_factory=lambda: dict(METHOD_LR_RATIO))
+    """Learning-rate multiplier for each method's parameters (JSON): prefix/prompt/IA3 vectors need larger steps than LoRA factors."""
+    num_virtual_tokens: int = 20
+    """Prefix and prompt tuning: virtual tokens."""
+    bottleneck_size: int = 32
+    """Bottleneck adapters (--method adapter): inner width of each adapter."""
+    adapter_placement: Literal["both", "attention", "mlp"] = "both"
+    """Bottleneck adapters: after each block's attention, its MLP, or both."""
+    ia3_target_modules: list[str] = field(default_factory=list)
+    """IA3: modules whose activations it rescales; empty: PEFT's defaults for the model (Llama: k_proj,v_proj,down_proj)."""
+    ia3_feedforward_modules: list[str] = field(default_factory=list)
+    """IA3: the targets whose input (not output) it rescales; empty: the defaults (Llama: down_proj)."""
     r: int = 8
     """LoRA rank."""
     lora_alpha: float = 16.0
@@ -53,7 +70,7 @@ class TrainConfig:
     """Samples per device per micro-batch."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
-    lr: float = 1e-3
+    lr: float = 5e-4
     """Peak learning rate."""
     loraplus_lr_ratio: float = 1.0
     """LoRA+: the learning rate of B is this times that of A (1: plain LoRA; the paper suggests 16)."""
@@ -95,7 +112,7 @@ class TrainConfig:
     """QLoRA: hold the frozen base's block linears in 4-bit NF4 (double-quantized scales) or int8 (bitsandbytes); LoRA trains in fp32 on top."""
     device: str | None = None
     """cpu, cuda, cuda:1 ...; default: cuda if available."""
-    task_size: int = 2000
+    task_size: int = 480
     """Training samples of the built-in task."""
     init_r: int = 12
     """AdaLoRA (--method adalora): singular triplets per module at the start."""
@@ -125,6 +142,9 @@ class TrainConfig:
         if self.quantize != "none" and self.init_lora_weights == "pissa":
             raise LorakitError("--init-lora-weights pissa rewrites the base weights, which --quantize cannot hold "
                                "exactly; use the default init with --quantize.")
+        from .methods import make_methods
+
+        make_methods(self)  # unknown method names and invalid method options fail now, before the model loads
 
 
 def lora_config(cfg: TrainConfig, source: str):
@@ -208,15 +228,20 @@ class BatchPlan:
 
 
 # ---- optimization -----------------------------------------------------------------------------------
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW on the trainable parameters; with LoRA+ the B factors get lr x loraplus_lr_ratio."""
-    b_params, other = [], []
+def make_optimizer(model: nn.Module, cfg: TrainConfig, owners: dict[str, list] | None = None) -> torch.optim.Optimizer:
+    """AdamW on the trainable parameters; with LoRA+ the B factors get lr x loraplus_lr_ratio, and the
+    parameters of each method in `owners` ({method name: parameters}) lr x its cfg.method_lr_ratio."""
+    ratio = {id(p): cfg.method_lr_ratio.get(name, 1.0) for name, params in (owners or {}).items() for p in params}
+    by_lr: dict[float, list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (b_params if ".lora_B." in name or ".lora_embedding_B." in name else other).append(param)
-    groups = [{"params": other, "lr": cfg.lr}, {"params": b_params, "lr": cfg.lr * cfg.loraplus_lr_ratio}]
+            lr = cfg.lr * ratio.get(id(param), 1.0)
+            if ".lora_B." in name or ".lora_embedding_B." in name:
+                lr *= cfg.loraplus_lr_ratio
+            by_lr.setdefault(lr, []).append(param)
+    groups = [{"params": params, "lr": lr} for lr, params in by_lr.items()]
     # fused: one kernel for all parameters instead of ~10 small ops per LoRA factor (hundreds of them)
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
@@ -250,9 +275,10 @@ class CausalLMLoss(nn.Module):
 
 
 def save_run_adapter(methods: list, model: nn.Module, directory: Path) -> None:
-    """Write what the run's methods trained into `directory`."""
-    for method in methods:
-        method.save(model, directory)
+    """Write what the run's methods trained into `directory` (several: see lorakit.combine)."""
+    from .combine import save_methods
+
+    save_methods(methods, model, directory)
 
 
 class TrainingDiverged(LorakitError):
@@ -271,6 +297,7 @@ def train(cfg: TrainConfig) -> dict:
     from .data import collate
     from .fsutil import atomic_directory
     from .distributed import close_world, init_world, main_first
+    from .combine import apply_methods
     from .methods import make_methods
     from .models import load_model
     from .quantize import quantize_model
@@ -281,12 +308,11 @@ def train(cfg: TrainConfig) -> dict:
     ckpt_dir = out / "checkpoints"
     try:
         torch.manual_seed(cfg.seed)
-        with main_first(world):  # rank 0 converts and caches a GGUF model once
-            loaded = load_model(cfg.model, device=world.device)
-        model, tokenizer = loaded.model, loaded.tokenizer
         dtype = compute_dtype(cfg.precision, world.device)
-        # The frozen base lives in the compute dtype: no per-step re-cast of its weights.
-        model.to(dtype)
+        with main_first(world):  # rank 0 converts and caches a GGUF model once
+            # The frozen base lives in the compute dtype (loaded so: no fp32 copy, no per-step re-cast).
+            loaded = load_model(cfg.model, device=world.device, dtype=dtype)
+        model, tokenizer = loaded.model, loaded.tokenizer
         # Before the 'before' measurement, so that before and after are measured on the same (quantized) base.
         quantize_model(model, cfg.quantize, dtype)
         data = load_datasets(cfg, tokenizer)
@@ -299,14 +325,13 @@ def train(cfg: TrainConfig) -> dict:
 
         torch.manual_seed(cfg.seed)
         methods = make_methods(cfg)
-        for method in methods:
-            method.apply(model, loaded.source)
+        owners = apply_methods(methods, model, loaded.source)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         counts = summary(model, print_summary=False)
         plan = BatchPlan(len(data.train), cfg.batch_size, world.size, cfg.grad_accum, cfg.seed)
         total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(data.train) / plan.global_batch))
-        optimizer = make_optimizer(model, cfg)
+        optimizer = make_optimizer(model, cfg, owners)
         scheduler = make_scheduler(optimizer, cfg, total_steps)
         step_module: nn.Module = CausalLMLoss(model)
         if world.distributed:

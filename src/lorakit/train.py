@@ -135,10 +135,6 @@ class TrainConfig:
             raise LorakitError("give --max-steps > 0 or --epochs > 0.")
         if not 0 < self.eval_fraction < 1:
             raise LorakitError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}.")
-        if "adalora" in [name.strip() for name in self.method.split("+")]:
-            from .adalora import check_config
-
-            check_config(self)
         if self.quantize != "none" and self.init_lora_weights == "pissa":
             raise LorakitError("--init-lora-weights pissa rewrites the base weights, which --quantize cannot hold "
                                "exactly; use the default init with --quantize.")

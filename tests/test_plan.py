@@ -125,3 +125,5 @@ def test_plan_errors(tmp_path, capsys):
         plan(str(tmp_path / "config.json"))
     with pytest.raises(LorakitError, match="matched nothing"):
         plan(LLAMA.to_dict(), target_modules=["q_prj"])
+    with pytest.raises(LorakitError, match="causal LM"):
+        plan({"model_type": "t5", "d_model": 32, "num_heads": 4, "num_layers": 2})

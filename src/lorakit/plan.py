@@ -114,11 +114,18 @@ def model_config(spec: str | dict | None):
 
 
 def meta_model(config) -> nn.Module:
-    """The causal LM of `config` on the meta device: every parameter has its shape, none has storage."""
+    """The causal LM of `config` on the meta device: every parameter has its shape, none has storage.
+
+    Raises:
+        LorakitError: transformers has no causal-LM class for the config's model_type.
+    """
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except ValueError as exc:
+        raise LorakitError(f"lorakit plan needs a causal LM config; transformers says: {exc}") from None
 
 
 def _numel(tensors) -> int:

@@ -45,6 +45,9 @@ def test_two_methods_train_together_and_reload(tmp_path):
     assert manifest["methods"] == [{"name": "lora", "path": "."}, {"name": "prefix", "path": "prefix"}]
     reloaded = combine.load(tiny_llama(), tmp_path)
     torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert not any(p.requires_grad for p in reloaded.parameters())
+    resumed = combine.load(tiny_llama(), tmp_path, is_trainable=True)
+    assert {n.split(".")[-2] for n, p in resumed.named_parameters() if p.requires_grad} == {"lora_A", "lora_B", "prefix_tuning"}
     # PEFT's layout: PEFT reads the root part (the LoRA) as a plain LoRA adapter.
     lora_only = io.load_adapter(tiny_llama(), tmp_path)
     torch.testing.assert_close(PeftModel.from_pretrained(tiny_llama(), tmp_path)(ids).logits, lora_only(ids).logits,

@@ -112,18 +112,25 @@ def load(model: nn.Module, directory: str | Path, is_trainable: bool = False) ->
     """Add the adapter in `directory` to `model`: one method's (LoRA, DoRA, IA3, prefix, prompt,
     bottleneck; written by lorakit or PEFT), or several saved together by `save_methods`.
 
+    Args:
+        is_trainable: keep every part's parameters trainable (to continue training); default: all frozen.
+
     Returns:
         The same model.
 
     Raises:
         LorakitError: missing/corrupt files, an unknown peft_type, or tensors that do not fit the model.
     """
+    trainable: list[nn.Parameter] = []
     for part in _parts(Path(directory)):
         peft_type = read_config_json(part).get("peft_type", "LORA")
         if peft_type not in LOADERS:
             raise LorakitError(f"{part / CONFIG_NAME}: peft_type {peft_type!r} is not one lorakit reads; "
                                f"it reads {', '.join(LOADERS)}.")
         LOADERS[peft_type](model, part, is_trainable)
+        trainable += [p for p in model.parameters() if p.requires_grad]  # the next part's load freezes them
+    for param in trainable:
+        param.requires_grad_(True)
     return model
 
 

@@ -60,7 +60,7 @@ class PrefixConfig:
     task_type: str | None = "CAUSAL_LM"
 
     def __post_init__(self) -> None:
-        _check_virtual_tokens(self.num_virtual_tokens)
+        check_virtual_tokens(self.num_virtual_tokens)
         if self.init not in INITS:
             raise LorakitError(f"init={self.init!r} is invalid: use one of {', '.join(INITS)}.")
 
@@ -80,7 +80,8 @@ class PrefixConfig:
                                 ignored=frozenset({"encoder_hidden_size", "init_weights"}))
 
 
-def _check_virtual_tokens(n: Any) -> None:
+def check_virtual_tokens(n: Any) -> None:
+    """Raises LorakitError unless n is a positive integer (a number of virtual tokens)."""
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise LorakitError(f"num_virtual_tokens={n!r} is invalid: use a positive integer, e.g. 20.")
 
@@ -148,6 +149,7 @@ def geometry(model: nn.Module) -> tuple[int, int, int]:
 
 
 def batch_size(kwargs: dict) -> int:
+    """The batch size of a decoder call (from input_ids, else inputs_embeds)."""
     ids = kwargs.get("input_ids")
     return (ids if ids is not None else kwargs["inputs_embeds"]).shape[0]
 

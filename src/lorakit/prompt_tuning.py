@@ -23,8 +23,8 @@ from torch import nn
 from .config import config_from_dict
 from .errors import LorakitError
 from .io import copy_named_tensors, read_adapter_tensors, read_config_json, write_adapter_files
-from .prefix import (FILE_KEY, _check_virtual_tokens, batch_size, bind_call, cache_argument, decoder_of,
-                     prefix_encoder, shift_for_virtual_tokens)
+from .prefix import (FILE_KEY, check_virtual_tokens, bind_call, cache_argument, decoder_of, prefix_encoder,
+                     shift_for_virtual_tokens)
 
 PEFT_TYPE = "PROMPT_TUNING"
 # lorakit's init names and PEFT's (prompt_tuning_init).
@@ -53,7 +53,7 @@ class PromptTuningConfig:
     task_type: str | None = "CAUSAL_LM"
 
     def __post_init__(self) -> None:
-        _check_virtual_tokens(self.num_virtual_tokens)
+        check_virtual_tokens(self.num_virtual_tokens)
         if self.init not in INITS:
             raise LorakitError(f"init={self.init!r} is invalid: use one of {', '.join(INITS)}.")
 
@@ -95,7 +95,7 @@ def _before(decoder: nn.Module, args: tuple, kwargs: dict):
         embeds = kwargs.pop("inputs_embeds", None)
         ids = kwargs.pop("input_ids", None)
         embeds = embeds if embeds is not None else decoder.get_input_embeddings()(ids)  # (B, T, d)
-        virtual = prompt.prompt_embeddings.to(embeds.dtype).expand(batch_size({"inputs_embeds": embeds}), -1, -1)
+        virtual = prompt.prompt_embeddings.to(embeds.dtype).expand(embeds.shape[0], -1, -1)
         kwargs["inputs_embeds"] = torch.cat([virtual, embeds], dim=1)  # (B, P + T, d)
     shift_for_virtual_tokens(kwargs, prompt.num_virtual_tokens, in_input=prompt.prepended)
     return (), kwargs

@@ -24,7 +24,7 @@ from torch import nn
 from .config import config_from_dict
 from .errors import LorakitError
 from .inject import _name_matches
-from .io import PREFIX, copy_named_tensors, read_adapter_tensors, read_config_json, write_adapter_files
+from .io import PREFIX, load_method_files, save_method_files
 
 PEFT_TYPE = "BOTTLENECK"
 _CONFIG_KEY = "lorakit_bottleneck_config"
@@ -171,27 +171,17 @@ def save(model: nn.Module, directory: str | Path) -> Path:
     """
     if _CONFIG_KEY not in model.__dict__:
         raise LorakitError("the model has no bottleneck adapters to save; add them with lorakit.bottleneck.apply.")
-    tensors = {k: v.detach().contiguous().clone() for k, v in state_dict(model).items()}
-    return write_adapter_files(directory, model.__dict__[_CONFIG_KEY].to_dict(), tensors)
+    return save_method_files(directory, model.__dict__[_CONFIG_KEY].to_dict(), state_dict(model))
 
 
 def load(model: nn.Module, directory: str | Path, is_trainable: bool = False) -> nn.Module:
     """Add the bottleneck adapters saved in `directory` to `model`.
 
     Raises:
-        LorakitError: missing/corrupt files or tensors that do not fit (the model is then unchanged).
+        LorakitError: missing/corrupt files or tensors that do not fit the model (the model is then unchanged).
     """
-    config = BottleneckConfig.from_dict(read_config_json(directory), source=str(directory))
-    tensors = read_adapter_tensors(directory)
-    apply(model, config)
-    try:
-        copy_named_tensors(state_dict(model), tensors, str(directory))
-    except LorakitError:
-        remove(model)
-        raise
-    if not is_trainable:
-        model.requires_grad_(False)
-    return model
+    return load_method_files(model, directory, BottleneckConfig.from_dict, apply, state_dict, remove, is_trainable)
+
 
 
 def remove(model: nn.Module) -> nn.Module:

@@ -22,7 +22,7 @@ from torch import nn
 from .config import config_from_dict
 from .errors import LorakitError
 from .inject import _is_linear, _name_matches, _set_submodule, named_candidates
-from .io import PREFIX, copy_named_tensors, read_adapter_tensors, read_config_json, write_adapter_files
+from .io import PREFIX, load_method_files, save_method_files
 from .layers import LoraLayer, is_transposed_linear
 
 PEFT_TYPE = "IA3"
@@ -181,27 +181,17 @@ def save(model: nn.Module, directory: str | Path) -> Path:
     """
     if _CONFIG_KEY not in model.__dict__:
         raise LorakitError("the model has no IA3 adapter to save; add one with lorakit.ia3.apply(model, IA3Config()).")
-    tensors = {k: v.detach().contiguous().clone() for k, v in state_dict(model).items()}
-    return write_adapter_files(directory, model.__dict__[_CONFIG_KEY].to_dict(), tensors)
+    return save_method_files(directory, model.__dict__[_CONFIG_KEY].to_dict(), state_dict(model))
 
 
 def load(model: nn.Module, directory: str | Path, is_trainable: bool = False) -> nn.Module:
     """Add the IA3 adapter saved in `directory` (by lorakit or PEFT) to `model`.
 
     Raises:
-        LorakitError: missing/corrupt files, or vectors that do not fit the model (the model is then unchanged).
+        LorakitError: missing/corrupt files or tensors that do not fit the model (the model is then unchanged).
     """
-    config = IA3Config.from_dict(read_config_json(directory), source=str(directory))
-    tensors = read_adapter_tensors(directory)
-    apply(model, config)
-    try:
-        copy_named_tensors(state_dict(model), tensors, str(directory))
-    except LorakitError:
-        remove(model)
-        raise
-    if not is_trainable:
-        model.requires_grad_(False)
-    return model
+    return load_method_files(model, directory, IA3Config.from_dict, apply, state_dict, remove, is_trainable)
+
 
 
 def remove(model: nn.Module) -> nn.Module:

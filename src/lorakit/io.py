@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -120,6 +121,41 @@ def write_adapter_files(directory: str | Path, config: dict, tensors: dict[str, 
     atomic_write_bytes(directory / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
     atomic_write_text(directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
     return directory
+
+
+def save_method_files(directory: str | Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write a non-LoRA method's tensors (detached copies) and config dict to `directory` in PEFT's format."""
+    return write_adapter_files(directory, config, {k: v.detach().contiguous().clone() for k, v in tensors.items()})
+
+
+def load_method_files(
+    model: nn.Module,
+    directory: str | Path,
+    read_config: Callable[..., Any],
+    attach: Callable[[nn.Module, Any], Any],
+    parameters_of: Callable[[nn.Module], dict[str, torch.Tensor]],
+    detach: Callable[[nn.Module], Any],
+    is_trainable: bool,
+) -> nn.Module:
+    """Add the method saved in `directory` to `model`: the shared load path of IA3, adapters, prefix, prompt.
+
+    `read_config(dict, source=...)` parses adapter_config.json, `attach(model, config)` adds fresh modules,
+    `parameters_of(model)` names the tensors the file fills, `detach(model)` takes them out again.
+
+    Raises:
+        LorakitError: missing/corrupt files or tensors that do not fit (the model is then unchanged).
+    """
+    config = read_config(read_config_json(directory), source=str(directory))
+    tensors = read_adapter_tensors(directory)
+    attach(model, config)
+    try:
+        copy_named_tensors(parameters_of(model), tensors, str(directory))
+    except LorakitError:
+        detach(model)
+        raise
+    if not is_trainable:
+        model.requires_grad_(False)
+    return model
 
 
 def read_adapter_config(directory: str | Path) -> LoraConfig:

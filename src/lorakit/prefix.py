@@ -27,7 +27,7 @@ from torch import nn
 
 from .config import config_from_dict
 from .errors import LorakitError
-from .io import copy_named_tensors, read_adapter_tensors, read_config_json, write_adapter_files
+from .io import load_method_files, save_method_files
 
 PEFT_TYPE = "PREFIX_TUNING"
 INITS = ("vocab", "random")
@@ -251,8 +251,8 @@ def save(model: nn.Module, directory: str | Path) -> Path:
     encoder = prefix_encoder(model)
     if encoder is None:
         raise LorakitError("the model has no prefix to save; add one with lorakit.prefix.apply(model, PrefixConfig()).")
-    tensors = {FILE_KEY: encoder.prompt_embeddings.detach().contiguous().clone()}
-    return write_adapter_files(directory, model.__dict__["lorakit_prefix_config"].to_dict(), tensors)
+    return save_method_files(directory, model.__dict__["lorakit_prefix_config"].to_dict(),
+                             {FILE_KEY: encoder.prompt_embeddings})
 
 
 def load(model: nn.Module, directory: str | Path, is_trainable: bool = False) -> nn.Module:
@@ -261,17 +261,10 @@ def load(model: nn.Module, directory: str | Path, is_trainable: bool = False) ->
     Raises:
         LorakitError: missing/corrupt files, or a prefix made for another geometry (the model is then unchanged).
     """
-    config = PrefixConfig.from_dict(read_config_json(directory), source=str(directory))
-    tensors = read_adapter_tensors(directory)
-    apply(model, dataclasses.replace(config, init="random"))  # the file's values replace the init
-    try:
-        copy_named_tensors({FILE_KEY: prefix_encoder(model).prompt_embeddings}, tensors, str(directory))
-    except LorakitError:
-        remove(model)
-        raise
-    if not is_trainable:
-        model.requires_grad_(False)
-    return model
+    return load_method_files(model, directory, PrefixConfig.from_dict,
+                             lambda m, c: apply(m, dataclasses.replace(c, init="random")),  # the file replaces the init
+                             lambda m: {FILE_KEY: prefix_encoder(m).prompt_embeddings}, remove, is_trainable)
+
 
 
 def remove(model: nn.Module) -> nn.Module:

@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import config_from_dict
 from .errors import LorakitError
-from .io import copy_named_tensors, read_adapter_tensors, read_config_json, write_adapter_files
+from .io import load_method_files, save_method_files
 from .prefix import (FILE_KEY, check_virtual_tokens, bind_call, cache_argument, decoder_of, prefix_encoder,
                      shift_for_virtual_tokens)
 
@@ -156,8 +156,8 @@ def save(model: nn.Module, directory: str | Path) -> Path:
     prompt = prompt_embedding(model)
     if prompt is None:
         raise LorakitError("the model has no prompt to save; add one with lorakit.prompt_tuning.apply(model, PromptTuningConfig()).")
-    tensors = {FILE_KEY: prompt.prompt_embeddings.detach().contiguous().clone()}
-    return write_adapter_files(directory, model.__dict__["lorakit_prompt_config"].to_dict(), tensors)
+    return save_method_files(directory, model.__dict__["lorakit_prompt_config"].to_dict(),
+                             {FILE_KEY: prompt.prompt_embeddings})
 
 
 def load(model: nn.Module, directory: str | Path, is_trainable: bool = False) -> nn.Module:
@@ -166,17 +166,10 @@ def load(model: nn.Module, directory: str | Path, is_trainable: bool = False) ->
     Raises:
         LorakitError: missing/corrupt files, or a prompt of another width (the model is then unchanged).
     """
-    config = PromptTuningConfig.from_dict(read_config_json(directory), source=str(directory))
-    tensors = read_adapter_tensors(directory)
-    apply(model, dataclasses.replace(config, init="random"))  # the file's values replace the init
-    try:
-        copy_named_tensors({FILE_KEY: prompt_embedding(model).prompt_embeddings}, tensors, str(directory))
-    except LorakitError:
-        remove(model)
-        raise
-    if not is_trainable:
-        model.requires_grad_(False)
-    return model
+    return load_method_files(model, directory, PromptTuningConfig.from_dict,
+                             lambda m, c: apply(m, dataclasses.replace(c, init="random")),  # the file replaces the init
+                             lambda m: {FILE_KEY: prompt_embedding(m).prompt_embeddings}, remove, is_trainable)
+
 
 
 def remove(model: nn.Module) -> nn.Module:

@@ -173,6 +173,7 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     padding_side: Literal["left", "right"] = "right",
+    fast_cpu_attention: bool = True,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from the embedded default, a GGUF file or an HF dir.
 
@@ -193,6 +194,8 @@ def load_model(
             cast to it.
         device: Where to put the model; None means `default_device()`.
         padding_side: "right" or "left".
+        fast_cpu_attention: switch an "sdpa" model to lorakit's attention (`lorakit.attention`), which
+            runs bf16/fp16 training steps on CPU on the GEMM kernels and is "sdpa" everywhere else.
 
     Returns:
         The model, the tokenizer, and the source to record in adapter configs.
@@ -214,6 +217,10 @@ def load_model(
     model_dir = _ensure_converted(resolved.path) if resolved.kind == "gguf" else resolved.path
     model, tokenizer = _load_hf_directory(model_dir, dtype or torch.float32, resolved.source)
     _ensure_pad_token(model, tokenizer)
+    if fast_cpu_attention:
+        from .attention import use_fast_cpu_attention
+
+        use_fast_cpu_attention(model)
     tokenizer.padding_side = padding_side
     model.to(target)
     model.eval()

@@ -181,3 +181,39 @@ def test_merged_linear_leaves_disabled_slice_alone():
 def test_grouped_conv_refused():
     with pytest.raises(LorakitError, match="groups"):
         Conv(nn.Conv2d(4, 4, 3, groups=2))
+
+
+def test_inference_cache_follows_every_update():
+    """In eval mode under no_grad the cast factors are cached; each way of changing them must show."""
+    layer, x = _layer("linear")
+    layer.add_adapter("default", r=4, lora_alpha=8)
+    randomize_lora(layer)
+    layer.eval()
+
+    def plain():  # the grad-enabled path, which never caches
+        with torch.enable_grad():
+            return layer(x).detach()
+
+    with torch.no_grad():
+        assert torch.equal(layer(x), plain())
+        layer.lora_B["default"].mul_(2)  # an in-place write (as an optimizer step or a load)
+        assert torch.equal(layer(x), plain())
+        layer.scaling["default"] = 0.5
+        assert torch.equal(layer(x), plain())
+    layer.lora_A["default"].data.copy_(torch.randn_like(layer.lora_A["default"]))  # bypasses the version counter
+    layer.train()
+    layer.eval()  # ... so a mode switch clears the cache
+    with torch.no_grad():
+        assert torch.equal(layer(x), plain())
+    opt = torch.optim.SGD([layer.lora_A["default"], layer.lora_B["default"]], lr=0.1)
+    layer(x).square().sum().backward()
+    opt.step()
+    with torch.no_grad():
+        assert torch.equal(layer(x), plain())
+        layer.to(torch.float64)
+        assert torch.equal(layer(x.double()), plain_double(layer, x))
+
+
+def plain_double(layer, x):
+    with torch.enable_grad():
+        return layer(x.double()).detach()

@@ -239,10 +239,16 @@ class Linear(LoraLayer):
         # PiSSA adapters keep their starting factors (A0, B0), so a save can express them against the
         # original W rather than the residual (see io._export_factors).
         self.pissa_initial: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._inference_cache: dict[str, tuple] = {}  # see _inference_factors
 
     def delete_adapter(self, name):
         super().delete_adapter(name)
         self.pissa_initial.pop(name, None)
+        self._inference_cache.pop(name, None)
+
+    def train(self, mode: bool = True):
+        self._inference_cache.clear()
+        return super().train(mode)
 
     def factor_shapes(self, r):
         return (r, self.in_features), (self.out_features, r)
@@ -256,11 +262,28 @@ class Linear(LoraLayer):
     def add_update(self, result, x, name):
         # One GEMM that also does the addition: result + h @ (s B)^T, with h = dropout(x) A^T (..., r).
         # Scaling B (d_out x r) instead of the output (tokens x d_out) saves a pass over the activations.
-        A, B = self.factors(name)
-        h = F.linear(self.lora_dropout[name](x), A.to(x.dtype))
-        scaled_b = (B * self.scaling[name]).to(result.dtype)
+        if torch.is_grad_enabled() or self.training:
+            A, B = self.factors(name)
+            A, scaled_b = A.to(x.dtype), (B * self.scaling[name]).to(result.dtype)
+        else:
+            A, scaled_b = self._inference_factors(name, x.dtype, result.dtype)
+        h = F.linear(self.lora_dropout[name](x), A)
         out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]).to(result.dtype), scaled_b.T)
         return out.view(result.shape)
+
+    def _inference_factors(self, name, x_dtype, out_dtype):
+        # In eval mode without autograd (generation) the cast A and the scaled, cast B are kept between
+        # calls: decoding runs one token at a time, where these small ops cost as much as the GEMMs. The key
+        # holds the factors' storage, in-place version counters, dtype and device, so an optimizer step, a
+        # load or a copy_ rebuilds them; writes through `.data` bypass the counter, hence train() clears it.
+        A, B = self.factors(name)
+        key = (A.data_ptr(), A._version, B.data_ptr(), B._version, A.dtype, B.dtype, A.device,
+               self.scaling[name], x_dtype, out_dtype)
+        cached = self._inference_cache.get(name)
+        if cached is None or cached[0] != key:
+            cached = (key, A.detach().to(x_dtype), (B.detach() * self.scaling[name]).to(out_dtype))
+            self._inference_cache[name] = cached
+        return cached[1], cached[2]
 
     def delta_weight(self, name):
         A, B = self.factors(name)

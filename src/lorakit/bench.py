@@ -108,7 +108,10 @@ def _step_function(name: str, cfg: BenchTrainConfig, device: torch.device):
     # floor and lorakit hold the frozen base in the compute dtype; peft and full keep fp32 weights, as
     # their users run them under autocast
     load_dtype = dtype if name in ("floor", "lorakit") else torch.float32
-    model = load_model(cfg.model, device=device, dtype=load_dtype).model
+    # lorakit's CPU attention for floor and lorakit (as `lorakit train` loads the model); stock "sdpa" for
+    # peft and full, as their users run them
+    model = load_model(cfg.model, device=device, dtype=load_dtype,
+                       fast_cpu_attention=name in ("floor", "lorakit")).model
     batch = _batch(cfg, model.config.vocab_size, device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
@@ -248,8 +251,11 @@ def bench_train(cfg: BenchTrainConfig) -> dict:
 
 # ---- inference ---------------------------------------------------------------------------------------
 def bench_infer(cfg: BenchInferConfig) -> dict:
-    """Generation tokens/s of the base, base + adapter (unmerged) and merged, same prompt and length."""
-    from .adapters import merge
+    """Generation tokens/s of the base, base + adapter (unmerged) and merged, same prompt and length.
+
+    "merged" is what `lorakit merge` exports: merge_and_unload, the base's own modules with W + s B A.
+    """
+    from .adapters import merge_and_unload
     from .config import LoraConfig
     from .inject import apply
     from .models import default_device, default_dtype, load_model
@@ -273,7 +279,7 @@ def bench_infer(cfg: BenchInferConfig) -> dict:
     apply(model, LoraConfig(r=cfg.r, target_modules=list(cfg.target_modules), init_lora_weights=False))
     model.eval()
     results["unmerged"] = tokens_per_s()
-    merge(model)
+    model = merge_and_unload(model)  # the plain architecture again, the update folded into W
     results["merged"] = tokens_per_s()
     out = {"tokens_per_s": results, "unmerged_vs_base": results["unmerged"] / results["base"],
            "merged_vs_base": results["merged"] / results["base"]}

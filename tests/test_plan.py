@@ -127,3 +127,21 @@ def test_plan_errors(tmp_path, capsys):
         plan(LLAMA.to_dict(), target_modules=["q_prj"])
     with pytest.raises(LorakitError, match="causal LM"):
         plan({"model_type": "t5", "d_model": 32, "num_heads": 4, "num_layers": 2})
+
+
+def test_cpu_attention_estimate_matches_what_autograd_saves():
+    # lorakit's CPU attention keeps the attention probabilities; `--device cpu` counts them
+    from lorakit.attention import use_fast_cpu_attention
+
+    config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=320, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    assert use_fast_cpu_attention(model)
+    lorakit.apply(model, LoraConfig(r=8, target_modules="all-linear"))
+    model.train()
+    ids = torch.randint(0, 128, (2, 96))
+    on_cpu, on_gpu = (plan(config.to_dict(), r=8, batch_size=2, seq_len=96, device=d).methods[1] for d in ("cpu", "cuda"))
+    saved = saved_activation_bytes(model, ids)
+    assert on_cpu.memory["activations"] == pytest.approx(saved, rel=0.1)
+    assert on_gpu.memory["activations"] < 0.9 * saved  # the probabilities are a real share: the term matters

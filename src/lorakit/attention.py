@@ -54,20 +54,27 @@ def cpu_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Ten
                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                           **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: q (B, H, Tq, D), k/v (B, Hkv, Tkv, D) -> (B, Tq, H, D)."""
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if not _takes_fast_path(query, key, attention_mask, dropout, kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    groups = getattr(module, "num_key_value_groups", 1)
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    # scale q (Tq x D) rather than the scores (Tq x Tkv): fewer elements
-    scores = torch.matmul(query * scale, key.transpose(-1, -2))
-    scores = scores + _additive_bias(attention_mask, query.shape[2], scores.dtype)
-    probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
-
+    batch, heads, q_len, dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    scale = scaling if scaling is not None else dim ** -0.5
+    # Grouped-query attention without repeating k and v: the g query heads that share a key/value head are
+    # stacked along the query axis, (B, Hkv, g*Tq, D). Scaling k (Hkv heads) is cheaper than scaling q.
+    q = query.reshape(batch, kv_heads, groups * q_len, dim)
+    scores = torch.matmul(q, (key * scale).transpose(-1, -2))  # (B, Hkv, g*Tq, Tkv)
+    scores = scores.view(batch, kv_heads, groups, q_len, kv_len)
+    bias = _additive_bias(attention_mask, q_len, scores.dtype)  # (Tq, Tkv) or (B, 1|H, Tq, Tkv)
+    if bias.dim() == 4:
+        bias = bias.view(bias.shape[0], bias.shape[1] // groups if bias.shape[1] > 1 else 1, -1, q_len, kv_len)
+    scores.add_(bias)
+    probs = torch.softmax(scores, dim=-1).view(batch, kv_heads, groups * q_len, kv_len)
+    out = torch.matmul(probs, value)  # (B, Hkv, g*Tq, D)
+    return out.view(batch, heads, q_len, dim).transpose(1, 2).contiguous(), None
 
 def register() -> str:
     """Make NAME known to transformers (attention and mask functions); idempotent. Returns NAME."""

@@ -38,6 +38,8 @@ class PlanConfig:
     """Tokens per sequence."""
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     """Compute dtype: of the frozen base (LoRA) and of the activations."""
+    device: Literal["cuda", "cpu"] = "cuda"
+    """Where it trains: on cpu, lorakit's bf16 attention keeps the attention probabilities (lorakit.attention)."""
     json: bool = False
     """Print a JSON object instead of tables."""
 
@@ -185,7 +187,21 @@ def _shape(config) -> _Shape:
                   get("vocab_size"))
 
 
-def activation_bytes(s: _Shape, tokens: int, e: int, adapted: list[list[tuple[str, int, int]]] | None) -> dict[str, int]:
+def cpu_attention_bytes(s: _Shape, batch: int, seq: int, e: int) -> int:
+    """Extra bytes per layer and token that lorakit's CPU attention keeps over SDPA, where it applies.
+
+    It keeps the scaled q and the key/value heads repeated to the query heads (3 e h instead of e (h + 2 kv))
+    and the probabilities (e heads seq), and no log-sum-exp (4 heads). Zero in fp32 or above MAX_SCORES.
+    """
+    from .attention import MAX_SCORES
+
+    if e >= 4 or batch * s.heads * seq * seq > MAX_SCORES:
+        return 0
+    return e * (2 * s.hidden - 2 * s.kv_dim) + e * s.heads * seq - 4 * s.heads
+
+
+def activation_bytes(s: _Shape, tokens: int, e: int, adapted: list[list[tuple[str, int, int]]] | None,
+                     cpu_attention_extra: int = 0) -> dict[str, int]:
     """Activations kept for backward, in bytes, without and with gradient checkpointing.
 
     Per layer and token, for a Llama-style block (RMSNorm, attention without a stored seq x seq
@@ -209,12 +225,13 @@ def activation_bytes(s: _Shape, tokens: int, e: int, adapted: list[list[tuple[st
         tokens: batch x sequence length.
         e: bytes per element of the compute dtype.
         adapted: per block, (module name, d_in, r) of each adapted linear; None for full fine-tuning.
+        cpu_attention_extra: `cpu_attention_bytes`, when lorakit trains on the CPU.
 
     Returns:
         {"no_checkpointing": bytes, "checkpointing": bytes}.
     """
     h, i, kv = s.hidden, s.intermediate, s.kv_dim
-    fixed = e * (5 * h + 3 * i + 2 * kv) + 4 * (s.heads + 2)
+    fixed = e * (5 * h + 3 * i + 2 * kv) + 4 * (s.heads + 2) + cpu_attention_extra
     if adapted is None:
         per_layer = [fixed + e * (5 * h + i)] * s.layers
     else:
@@ -228,7 +245,7 @@ def activation_bytes(s: _Shape, tokens: int, e: int, adapted: list[list[tuple[st
 
 
 def memory_parts(method: str, s: _Shape, counts: dict[str, int], adapted: list[list[tuple[str, int, int]]] | None,
-                 batch: int, seq: int, e: int) -> dict[str, int]:
+                 batch: int, seq: int, e: int, device: str = "cuda") -> dict[str, int]:
     """Training memory of `method` ("full", "lora", "qlora") by part, in bytes, with AdamW.
 
     weights: full: fp32 master weights (as `lorakit bench`'s full: AdamW under bf16 autocast);
@@ -252,7 +269,8 @@ def memory_parts(method: str, s: _Shape, counts: dict[str, int], adapted: list[l
         quantized = counts["linear"] if method == "qlora" else 0
         base = e * (counts["base"] - quantized) + (counts["nf4_bytes"] if method == "qlora" else 0)
         weights = base + counts["buffers"] + 4 * trainable
-        acts = activation_bytes(s, tokens, e, adapted)
+        extra = cpu_attention_bytes(s, batch, seq, e) if device == "cpu" else 0
+        acts = activation_bytes(s, tokens, e, adapted, extra)
         acts = {k: v + e * trainable for k, v in acts.items()}  # the factors cast to the compute dtype
         logits = min(tokens, LOSS_CHUNK_TOKENS) * s.vocab * (4 + e)
     parts = {"weights": weights, "gradients": 4 * trainable, "optimizer_states": 8 * trainable,
@@ -279,7 +297,7 @@ def _adapted_by_layer(model: nn.Module, n_layers: int) -> list[list[tuple[str, i
 
 def plan(
     spec: str | dict | None = None, r: int = 8, target_modules: str | list[str] = "all-linear",
-    batch_size: int = 1, seq_len: int = 512, dtype: str = "bf16",
+    batch_size: int = 1, seq_len: int = 512, dtype: str = "bf16", device: str = "cuda",
 ) -> Plan:
     """Counts, adapter size and training memory of full fine-tuning, LoRA and QLoRA (NF4) for a model config.
 
@@ -289,6 +307,7 @@ def plan(
         target_modules: as LoraConfig.target_modules ("all-linear", or names).
         batch_size, seq_len: the micro-batch the activations are estimated for.
         dtype: compute dtype, "bf16", "fp16" or "fp32".
+        device: "cuda" or "cpu" (lorakit's CPU attention keeps more activations at short sequences).
 
     Returns:
         The plan; parameter counts and adapter shapes are exact, memory is estimated (`memory_parts`).
@@ -320,7 +339,9 @@ def plan(
     adapter = safetensors_bytes(adapter_shapes)
     adapted = _adapted_by_layer(model, sizes.layers)
     lora = {**counts, "trainable": _numel(t for key, t in model.named_parameters() if t.requires_grad)}
-    batch = (batch_size, seq_len, e)
+    if device not in ("cuda", "cpu"):
+        raise LorakitError(f"device={device!r} is invalid: use cuda or cpu.")
+    batch = (batch_size, seq_len, e, device)
     methods = [
         MethodPlan("full", counts["base"], counts["base"], e * counts["base"],
                    memory_parts("full", sizes, {**counts, "trainable": counts["base"]}, None, *batch)),
@@ -361,8 +382,8 @@ def plan_tables(result: Plan, cfg: PlanConfig) -> str:
         ("weights", "weights"), ("gradients", "gradients"), ("optimizer states", "optimizer_states"),
         ("activations", "activations"), ("activations, checkpointing", "activations_checkpointed"),
         ("logits", "logits"), ("**total**", "total"), ("**total, checkpointing**", "total_checkpointed"))]
-    lines += ["", f"training memory at batch {cfg.batch_size} x {cfg.seq_len} tokens, {cfg.dtype} compute, "
-                  f"AdamW, LoRA r={cfg.r}:", "",
+    lines += ["", f"training memory at batch {cfg.batch_size} x {cfg.seq_len} tokens, {cfg.dtype} compute on "
+                  f"{cfg.device}, AdamW, LoRA r={cfg.r}:", "",
               "| | " + " | ".join(m.method for m in result.methods) + " |", "|---" * (len(result.methods) + 1) + "|"]
     for label, attr, key in rows:
         if attr in ("total_params", "trainable_params"):
@@ -375,7 +396,7 @@ def plan_tables(result: Plan, cfg: PlanConfig) -> str:
 
 def run_plan(cfg: PlanConfig) -> dict:
     """`lorakit plan`: print the plan as tables (or JSON); returns it as a dict."""
-    result = plan(cfg.model_or_config, cfg.r, cfg.target_modules, cfg.batch_size, cfg.seq_len, cfg.dtype)
+    result = plan(cfg.model_or_config, cfg.r, cfg.target_modules, cfg.batch_size, cfg.seq_len, cfg.dtype, cfg.device)
     out = result.to_dict()
     if cfg.json:
         out["methods"] = {m["method"]: {k: v for k, v in m.items() if k != "method"} for m in out["methods"]}

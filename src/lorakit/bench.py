@@ -62,8 +62,10 @@ class BenchInferConfig:
     """Adapted modules."""
     new_tokens: int = 128
     """Tokens generated per run."""
-    repeats: int = 3
+    repeats: int = 5
     """Timed generations (best is kept)."""
+    peft: bool = True
+    """Also time PEFT's unmerged adapter (for scale)."""
     device: str | None = None
     """cpu, cuda ..."""
     json: bool = False
@@ -281,8 +283,18 @@ def bench_infer(cfg: BenchInferConfig) -> dict:
     results["unmerged"] = tokens_per_s()
     model = merge_and_unload(model)  # the plain architecture again, the update folded into W
     results["merged"] = tokens_per_s()
+    if cfg.peft:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        # PEFT's unmerged adapter on a fresh copy of the base, for scale
+        base = load_model(cfg.model, device=device, fast_cpu_attention=False).model.to(default_dtype(device))
+        model = get_peft_model(base, PeftLoraConfig(r=cfg.r, target_modules=list(cfg.target_modules),
+                                                    init_lora_weights=False)).eval()
+        results["peft unmerged"] = tokens_per_s()
     out = {"tokens_per_s": results, "unmerged_vs_base": results["unmerged"] / results["base"],
-           "merged_vs_base": results["merged"] / results["base"]}
+           "merged_vs_base": results["merged"] / results["base"], "new_tokens": cfg.new_tokens,
+           "model": cfg.model or "default", "r": cfg.r}
     if cfg.json:
         print(json.dumps(out, indent=2))
     else:

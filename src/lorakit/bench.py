@@ -256,7 +256,11 @@ def bench_infer(cfg: BenchInferConfig) -> dict:
     """Generation tokens/s of the base, base + adapter (unmerged) and merged, same prompt and length.
 
     "merged" is what `lorakit merge` exports: merge_and_unload, the base's own modules with W + s B A.
+    The models are held side by side and timed in turn, round after round (the best round of each is
+    kept), so a drift in the machine's speed hits them all alike.
     """
+    import copy
+
     from .adapters import merge_and_unload
     from .config import LoraConfig
     from .inject import apply
@@ -264,34 +268,29 @@ def bench_infer(cfg: BenchInferConfig) -> dict:
 
     device = torch.device(cfg.device) if cfg.device else default_device()
     loaded = load_model(cfg.model, device=device)
-    model, tok = loaded.model.to(default_dtype(device)), loaded.tokenizer
+    base, tok = loaded.model.to(default_dtype(device)), loaded.tokenizer
     ids = tok("The history of the printing press", return_tensors="pt").to(device)
-
-    def tokens_per_s() -> float:
-        best = float("inf")
-        with torch.no_grad():
-            for _ in range(cfg.repeats + 1):  # the first run warms up
-                start = time.perf_counter()
-                model.generate(**ids, max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens,
-                               do_sample=False, pad_token_id=tok.pad_token_id)
-                best = min(best, time.perf_counter() - start)
-        return cfg.new_tokens / best
-
-    results = {"base": tokens_per_s()}
-    apply(model, LoraConfig(r=cfg.r, target_modules=list(cfg.target_modules), init_lora_weights=False))
-    model.eval()
-    results["unmerged"] = tokens_per_s()
-    model = merge_and_unload(model)  # the plain architecture again, the update folded into W
-    results["merged"] = tokens_per_s()
+    adapter = LoraConfig(r=cfg.r, target_modules=list(cfg.target_modules), init_lora_weights=False)  # B != 0
+    unmerged = apply(copy.deepcopy(base), adapter).eval()
+    models = {"base": base, "unmerged": unmerged, "merged": merge_and_unload(copy.deepcopy(unmerged))}
     if cfg.peft:
         from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model
 
-        # PEFT's unmerged adapter on a fresh copy of the base, for scale
-        base = load_model(cfg.model, device=device, fast_cpu_attention=False).model.to(default_dtype(device))
-        model = get_peft_model(base, PeftLoraConfig(r=cfg.r, target_modules=list(cfg.target_modules),
-                                                    init_lora_weights=False)).eval()
-        results["peft unmerged"] = tokens_per_s()
+        peft_base = load_model(cfg.model, device=device, fast_cpu_attention=False).model.to(default_dtype(device))
+        models["peft unmerged"] = get_peft_model(peft_base, PeftLoraConfig(
+            r=cfg.r, target_modules=list(cfg.target_modules), init_lora_weights=False)).eval()
+
+    best = {name: float("inf") for name in models}
+    with torch.no_grad():
+        for round_ in range(cfg.repeats + 1):  # round 0 warms up
+            for name, model in models.items():
+                start = time.perf_counter()
+                model.generate(**ids, max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens,
+                               do_sample=False, pad_token_id=tok.pad_token_id)
+                if round_:
+                    best[name] = min(best[name], time.perf_counter() - start)
+    results = {name: cfg.new_tokens / seconds for name, seconds in best.items()}
     out = {"tokens_per_s": results, "unmerged_vs_base": results["unmerged"] / results["base"],
            "merged_vs_base": results["merged"] / results["base"], "new_tokens": cfg.new_tokens,
            "model": cfg.model or "default", "r": cfg.r}

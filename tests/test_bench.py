@@ -61,5 +61,5 @@ def test_bench_infer_reports_all_rows(tiny_model_dir):
     out = bench_infer(BenchInferConfig(model=str(tiny_model_dir), new_tokens=4, repeats=1, device="cpu",
                                        target_modules=["q_proj", "v_proj"]))
     rates = out["tokens_per_s"]
-    assert set(rates) == {"base", "unmerged", "merged", "peft unmerged"} and min(rates.values()) > 0
+    assert set(rates) == {"base", "base (copy)", "unmerged", "merged", "peft unmerged"} and min(rates.values()) > 0
     assert out["merged_vs_base"] == pytest.approx(rates["merged"] / rates["base"])

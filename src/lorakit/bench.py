@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -36,8 +37,8 @@ class BenchTrainConfig:
     """Sequences per step."""
     seq_len: int = 256
     """Tokens per sequence."""
-    steps: int = 5
-    """Timed steps (after --warmup)."""
+    steps: int = 8
+    """Timed steps (after --warmup); step_s is their median."""
     warmup: int = 2
     """Untimed steps first."""
     configs: list[str] = field(default_factory=lambda: ["floor", "lorakit", "peft", "full"])
@@ -182,7 +183,7 @@ def run_one(name: str, cfg: BenchTrainConfig) -> dict:
     """Time configuration `name` in this process.
 
     Returns:
-        tokens_per_s, step_s; peak_mem_bytes (the process's peak, loading included: RSS on CPU);
+        tokens_per_s, step_s (median over the timed steps), step_s_mean; peak_mem_bytes (the process's peak, loading included: RSS on CPU);
         step_peak_mem_bytes (the peak over the steps alone, None where it cannot be reset); model_bytes
         (the model's own tensors: weights, quantization scales, adapters).
     """
@@ -198,13 +199,16 @@ def run_one(name: str, cfg: BenchTrainConfig) -> dict:
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    times = []
     for _ in range(cfg.steps):
+        start = time.perf_counter()
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    step_s = (time.perf_counter() - start) / cfg.steps
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)  # robust to the odd stall of a shared machine
     return {"tokens_per_s": cfg.batch_size * cfg.seq_len / step_s, "step_s": step_s,
+            "step_s_mean": statistics.fmean(times),
             "peak_mem_bytes": max(setup_peak, _peak_memory(device)),
             "step_peak_mem_bytes": _peak_memory(device) if step_peak_known else None,
             "model_bytes": tensor_bytes(model)}
@@ -272,7 +276,9 @@ def bench_infer(cfg: BenchInferConfig) -> dict:
     ids = tok("The history of the printing press", return_tensors="pt").to(device)
     adapter = LoraConfig(r=cfg.r, target_modules=list(cfg.target_modules), init_lora_weights=False)  # B != 0
     unmerged = apply(copy.deepcopy(base), adapter).eval()
-    models = {"base": base, "unmerged": unmerged, "merged": merge_and_unload(copy.deepcopy(unmerged))}
+    # "base (copy)", a second copy of the base, shows how far two identical models differ on this machine
+    models = {"base": base, "base (copy)": copy.deepcopy(base), "unmerged": unmerged,
+              "merged": merge_and_unload(copy.deepcopy(unmerged))}
     if cfg.peft:
         from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model

@@ -70,7 +70,7 @@ class TrainConfig:
     """Samples per device per micro-batch."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
-    lr: float = 5e-4
+    lr: float = 2e-4
     """Peak learning rate."""
     loraplus_lr_ratio: float = 1.0
     """LoRA+: the learning rate of B is this times that of A (1: plain LoRA; the paper suggests 16)."""
@@ -112,7 +112,7 @@ class TrainConfig:
     """QLoRA: hold the frozen base's block linears in 4-bit NF4 (double-quantized scales) or int8 (bitsandbytes); LoRA trains in fp32 on top."""
     device: str | None = None
     """cpu, cuda, cuda:1 ...; default: cuda if available."""
-    task_size: int = 480
+    task_size: int = 960
     """Training samples of the built-in task."""
     init_r: int = 12
     """AdaLoRA (--method adalora): singular triplets per module at the start."""

@@ -89,3 +89,18 @@ def test_only_sdpa_models_are_switched():
     model.set_attn_implementation("eager")
     assert not use_fast_cpu_attention(model)
     assert model.config._attn_implementation == "eager"
+
+
+def test_prefix_keys_longer_than_queries_take_the_fast_path_correctly():
+    # prefix tuning puts P cached keys ahead of the queries: kv_len > q_len, a boolean mask
+    from lorakit import prefix
+
+    ref = tiny_llama().to(torch.bfloat16)
+    ref.set_attn_implementation("sdpa")
+    prefix.apply(ref, prefix.PrefixConfig(num_virtual_tokens=5, init="random"))
+    fast = copy.deepcopy(ref)
+    assert use_fast_cpu_attention(fast)
+    ids, mask = _padded_batch()
+    a, b = ref(ids, attention_mask=mask).logits.float(), fast(ids, attention_mask=mask).logits.float()
+    assert torch.isfinite(b).all()
+    assert (a - b)[mask.bool()].abs().max() <= 0.02 * a.abs().max()

@@ -32,17 +32,21 @@ class _Module(torch.nn.Module):
     num_key_value_groups = 2
 
 
-@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("masked", ["causal", "one mask for all heads", "a mask per head"])
 def test_fast_path_is_as_close_to_fp64_as_sdpa(masked):
     # q (B, H, T, D) with 2 query heads per key/value head, causal or with a padding mask
     torch.manual_seed(0)
     q = torch.randn(2, 4, 24, 16, dtype=torch.float64)
     k, v = torch.randn(2, 2, 24, 16, dtype=torch.float64), torch.randn(2, 2, 24, 16, dtype=torch.float64)
     mask = None
-    if masked:
+    if masked != "causal":
         keep = torch.ones(2, 24, dtype=torch.bool)
         keep[0, :5] = False
         mask = torch.ones(24, 24, dtype=torch.bool).tril()[None, None] & keep[:, None, None, :]
+        if masked == "a mask per head":  # each head also hides a different key
+            mask = mask.repeat(1, 4, 1, 1)
+            for head in range(4):
+                mask[:, head, :, 6 + head] = False
         mask = mask | torch.eye(24, dtype=torch.bool)  # every query sees itself: no empty row in the reference
     kr, vr = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
     exact = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask, is_causal=mask is None).transpose(1, 2)

@@ -67,14 +67,26 @@ def cpu_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Ten
     # stacked along the query axis, (B, Hkv, g*Tq, D). Scaling k (Hkv heads) is cheaper than scaling q.
     q = query.reshape(batch, kv_heads, groups * q_len, dim)
     scores = torch.matmul(q, (key * scale).transpose(-1, -2))  # (B, Hkv, g*Tq, Tkv)
-    scores = scores.view(batch, kv_heads, groups, q_len, kv_len)
-    bias = _additive_bias(attention_mask, q_len, scores.dtype)  # (Tq, Tkv) or (B, 1|H, Tq, Tkv)
-    if bias.dim() == 4:
-        bias = bias.view(bias.shape[0], bias.shape[1] // groups if bias.shape[1] > 1 else 1, -1, q_len, kv_len)
-    scores.add_(bias)
-    probs = torch.softmax(scores, dim=-1).view(batch, kv_heads, groups * q_len, kv_len)
+    # In place on the matmul's own output (not a view of it, which autograd would copy back in backward)
+    scores.add_(_grouped_bias(attention_mask, batch, kv_heads, groups, q_len, kv_len, scores.dtype))
+    probs = torch.softmax(scores, dim=-1)
     out = torch.matmul(probs, value)  # (B, Hkv, g*Tq, D)
     return out.view(batch, heads, q_len, dim).transpose(1, 2).contiguous(), None
+
+
+def _grouped_bias(mask: torch.Tensor | None, batch: int, kv_heads: int, groups: int, q_len: int, kv_len: int,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """The additive bias laid out as the stacked scores: (g*Tq, Tkv), or (B|1, Hkv|1, g*Tq, Tkv) for a mask."""
+    bias = _additive_bias(mask, q_len, dtype)
+    if bias.dim() == 2:  # causal, the same for every head: the g stacked heads repeat it
+        key = ("grouped", q_len, groups, dtype)
+        if key not in _causal_bias_cache:
+            _causal_bias_cache[key] = bias.repeat(groups, 1)
+        return _causal_bias_cache[key]
+    b, h = bias.shape[:2]
+    if h == 1:  # one mask for all heads
+        return bias.repeat(1, 1, groups, 1)
+    return bias.reshape(b, kv_heads, groups * q_len, kv_len)  # per-head masks, in the heads' order
 
 def register() -> str:
     """Make NAME known to transformers (attention and mask functions); idempotent. Returns NAME."""

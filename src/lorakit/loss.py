@@ -14,6 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 IGNORE_INDEX = -100
+# Positions whose logits exist at once. 128 x 49152 fp32 logits are 25 MB: below glibc's largest mmap
+# threshold, so the buffer is reused from the heap rather than mapped and page-faulted afresh each step
+# (1024 positions, 200 MB: ~3% slower steps and ~0.2 GB more peak memory on the default model).
+CHUNK_TOKENS = 128
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -67,13 +71,13 @@ def _head_supports_fusion(model: nn.Module) -> bool:
 
 def loss_sum(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-    chunk_tokens: int = 1024,
+    chunk_tokens: int = CHUNK_TOKENS,
 ) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over labelled positions, and how many there are.
 
     Args:
         input_ids, attention_mask, labels: (batch, seq); labels are -100 where no loss applies.
-        chunk_tokens: how many positions' logits exist at once.
+        chunk_tokens: how many positions' logits exist at once (see CHUNK_TOKENS).
     """
     targets = labels[:, 1:]  # position t predicts token t + 1
     keep = targets != IGNORE_INDEX

@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from .errors import LorakitError
+from .loss import CHUNK_TOKENS as LOSS_CHUNK_TOKENS  # the positions whose logits exist at once
 from .quantize import NF4_BLOCK
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-LOSS_CHUNK_TOKENS = 1024  # lorakit.loss.loss_sum's default: the positions whose logits exist at once
 
 
 @dataclass

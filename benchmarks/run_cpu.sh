@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=benchmarks/results
 mkdir -p "$out"
-.venv/bin/lorakit bench train --json > "$out/train_cpu.json"
+.venv/bin/lorakit bench train --rounds 3 --json > "$out/train_cpu.json"
 .venv/bin/lorakit bench infer --json > "$out/infer_cpu.json"
 .venv/bin/python - <<'PY'
 import json

@@ -9,7 +9,8 @@ import json
 import pytest
 import torch
 
-from lorakit.bench import BenchInferConfig, BenchTrainConfig, _step_function, bench_infer, bench_train
+from lorakit import LorakitError
+from lorakit.bench import BenchInferConfig, BenchTrainConfig, _median_run, _step_function, bench_infer, bench_train
 from lorakit.cli import main
 
 
@@ -63,3 +64,13 @@ def test_bench_infer_reports_all_rows(tiny_model_dir):
     rates = out["tokens_per_s"]
     assert set(rates) == {"base", "base (copy)", "unmerged", "merged", "peft unmerged"} and min(rates.values()) > 0
     assert out["merged_vs_base"] == pytest.approx(rates["merged"] / rates["base"])
+
+
+def test_rounds_keep_the_median_run_and_the_largest_peak():
+    runs = [{"step_s": 3.0, "tokens_per_s": 1.0, "peak_mem_bytes": 5}, {"step_s": 1.0, "tokens_per_s": 3.0, "peak_mem_bytes": 9},
+            {"step_s": 2.0, "tokens_per_s": 1.5, "peak_mem_bytes": 7}]
+    chosen = _median_run(runs)
+    assert chosen["step_s"] == 2.0 and chosen["tokens_per_s"] == 1.5 and chosen["peak_mem_bytes"] == 9
+    assert chosen["step_s_rounds"] == [3.0, 1.0, 2.0]
+    with pytest.raises(LorakitError, match="--rounds"):
+        bench_train(BenchTrainConfig(rounds=0))

@@ -43,6 +43,8 @@ class BenchTrainConfig:
     """Untimed steps first."""
     configs: list[str] = field(default_factory=lambda: ["floor", "lorakit", "peft", "full"])
     """Configurations to run: floor, lorakit, peft, full."""
+    rounds: int = 1
+    """Runs of each configuration, interleaved; the table keeps each one's median run (and largest peak memory)."""
     method: Literal["lora", "dora"] = "lora"
     """Adapter method of the lorakit and peft configurations: lora, or dora (PEFT's use_dora=True)."""
     quantize: Literal["none", "nf4", "int8"] = "none"
@@ -245,12 +247,27 @@ def train_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median step time (the lower one for an even count), its peak memory the largest seen."""
+    chosen = dict(sorted(runs, key=lambda r: r["step_s"])[(len(runs) - 1) // 2])
+    chosen["peak_mem_bytes"] = max(r["peak_mem_bytes"] for r in runs)
+    chosen["step_s_rounds"] = [r["step_s"] for r in runs]
+    return chosen
+
+
 def bench_train(cfg: BenchTrainConfig) -> dict:
-    """Run every configuration in its own subprocess and print the table (or JSON)."""
-    results = {name: _in_subprocess(name, cfg) for name in cfg.configs}
+    """Run every configuration in its own subprocess, --rounds times interleaved; print the table (or JSON)."""
+    if cfg.rounds < 1:
+        raise LorakitError(f"--rounds must be at least 1, got {cfg.rounds}.")
+    runs: dict[str, list[dict]] = {name: [] for name in cfg.configs}
+    for _ in range(cfg.rounds):  # floor, lorakit, peft, full, floor, ...: a drift in speed hits all alike
+        for name in cfg.configs:
+            runs[name].append(_in_subprocess(name, cfg))
+    results = {name: _median_run(r) for name, r in runs.items()}
     _ratios(results)
     out = {"model": cfg.model or "default", "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "r": cfg.r,
-           "quantize": cfg.quantize, "torch": torch.__version__, "configs": results}
+           "quantize": cfg.quantize, "method": cfg.method, "rounds": cfg.rounds, "torch": torch.__version__,
+           "configs": results}
     print(json.dumps(out, indent=2) if cfg.json else train_table(results))
     return out
 

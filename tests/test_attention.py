@@ -108,3 +108,13 @@ def test_prefix_keys_longer_than_queries_take_the_fast_path_correctly():
     a, b = ref(ids, attention_mask=mask).logits.float(), fast(ids, attention_mask=mask).logits.float()
     assert torch.isfinite(b).all()
     assert (a - b)[mask.bool()].abs().max() <= 0.02 * a.abs().max()
+
+
+def test_causal_bias_cache_stays_bounded():
+    # batches padded to many different lengths must not grow the cache without end
+    from lorakit import attention
+
+    for length in range(2, 40):
+        bias = attention._additive_bias(None, length, torch.bfloat16)
+        assert bias.shape == (length, length) and bias[0, 1] < -1e30 and bias[1, 0] == 0
+    assert len(attention._causal_bias_cache) <= attention._CACHE_SIZE

@@ -24,7 +24,18 @@ NAME = "lorakit_cpu"
 # bf16, i.e. batch 4 x 9 heads x 480 tokens; beyond it the fused kernel's lower memory wins.
 MAX_SCORES = 1 << 23
 
+# Causal biases by (length, groups, dtype); batches padded to varying lengths would add one per length,
+# so the cache is emptied when it holds more than _CACHE_SIZE.
 _causal_bias_cache: dict[tuple, torch.Tensor] = {}
+_CACHE_SIZE = 16
+
+
+def _cached(key: tuple, make) -> torch.Tensor:
+    if key not in _causal_bias_cache:
+        if len(_causal_bias_cache) >= _CACHE_SIZE:
+            _causal_bias_cache.clear()
+        _causal_bias_cache[key] = make()
+    return _causal_bias_cache[key]
 
 
 def _takes_fast_path(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, dropout: float,
@@ -42,11 +53,11 @@ def _additive_bias(mask: torch.Tensor | None, q_len: int, dtype: torch.dtype) ->
     """0 where a query attends a key, the dtype's lowest value elsewhere; causal when mask is None."""
     lowest = torch.finfo(dtype).min
     if mask is None:
-        key = (q_len, dtype)
-        if key not in _causal_bias_cache:
+        def causal() -> torch.Tensor:
             allowed = torch.ones(q_len, q_len, dtype=torch.bool).tril()
-            _causal_bias_cache[key] = torch.zeros(q_len, q_len, dtype=dtype).masked_fill(~allowed, lowest)
-        return _causal_bias_cache[key]
+            return torch.zeros(q_len, q_len, dtype=dtype).masked_fill(~allowed, lowest)
+
+        return _cached((q_len, 1, dtype), causal)  # the same key as one group of _grouped_bias: the same tensor
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, lowest)
 
 
@@ -68,25 +79,23 @@ def cpu_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Ten
     q = query.reshape(batch, kv_heads, groups * q_len, dim)
     scores = torch.matmul(q, (key * scale).transpose(-1, -2))  # (B, Hkv, g*Tq, Tkv)
     # In place on the matmul's own output (not a view of it, which autograd would copy back in backward)
-    scores.add_(_grouped_bias(attention_mask, batch, kv_heads, groups, q_len, kv_len, scores.dtype))
+    scores.add_(_grouped_bias(attention_mask, kv_heads, groups, q_len, kv_len, scores.dtype))
     probs = torch.softmax(scores, dim=-1)
     out = torch.matmul(probs, value)  # (B, Hkv, g*Tq, D)
     return out.view(batch, heads, q_len, dim).transpose(1, 2).contiguous(), None
 
 
-def _grouped_bias(mask: torch.Tensor | None, batch: int, kv_heads: int, groups: int, q_len: int, kv_len: int,
+def _grouped_bias(mask: torch.Tensor | None, kv_heads: int, groups: int, q_len: int, kv_len: int,
                   dtype: torch.dtype) -> torch.Tensor:
     """The additive bias laid out as the stacked scores: (g*Tq, Tkv), or (B|1, Hkv|1, g*Tq, Tkv) for a mask."""
     bias = _additive_bias(mask, q_len, dtype)
     if bias.dim() == 2:  # causal, the same for every head: the g stacked heads repeat it
-        key = ("grouped", q_len, groups, dtype)
-        if key not in _causal_bias_cache:
-            _causal_bias_cache[key] = bias.repeat(groups, 1)
-        return _causal_bias_cache[key]
+        return _cached((q_len, groups, dtype), lambda: bias.repeat(groups, 1))
     b, h = bias.shape[:2]
     if h == 1:  # one mask for all heads
         return bias.repeat(1, 1, groups, 1)
     return bias.reshape(b, kv_heads, groups * q_len, kv_len)  # per-head masks, in the heads' order
+
 
 def register() -> str:
     """Make NAME known to transformers (attention and mask functions); idempotent. Returns NAME."""

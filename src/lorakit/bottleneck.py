@@ -183,7 +183,6 @@ def load(model: nn.Module, directory: str | Path, is_trainable: bool = False) ->
     return load_method_files(model, directory, BottleneckConfig.from_dict, apply, state_dict, remove, is_trainable)
 
 
-
 def remove(model: nn.Module) -> nn.Module:
     """Take the adapters and their hooks out of the model."""
     for name, adapter in bottlenecks(model):

@@ -193,7 +193,6 @@ def load(model: nn.Module, directory: str | Path, is_trainable: bool = False) ->
     return load_method_files(model, directory, IA3Config.from_dict, apply, state_dict, remove, is_trainable)
 
 
-
 def remove(model: nn.Module) -> nn.Module:
     """Take the IA3 layers out again (the original modules come back, unchanged)."""
     for name, layer in ia3_layers(model):

@@ -60,9 +60,7 @@ class PrefixConfig:
     task_type: str | None = "CAUSAL_LM"
 
     def __post_init__(self) -> None:
-        check_virtual_tokens(self.num_virtual_tokens)
-        if self.init not in INITS:
-            raise LorakitError(f"init={self.init!r} is invalid: use one of {', '.join(INITS)}.")
+        check_virtual_token_fields(self.num_virtual_tokens, self.init, INITS)
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a PEFT adapter_config.json dict (how the prefix started is not PEFT's to know)."""
@@ -80,10 +78,13 @@ class PrefixConfig:
                                 ignored=frozenset({"encoder_hidden_size", "init_weights"}))
 
 
-def check_virtual_tokens(n: Any) -> None:
-    """Raises LorakitError unless n is a positive integer (a number of virtual tokens)."""
+def check_virtual_token_fields(n: Any, init: str, inits) -> None:
+    """The fields prefix and prompt tuning share. Raises LorakitError unless n is a positive integer (a
+    number of virtual tokens) and init one of `inits`."""
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise LorakitError(f"num_virtual_tokens={n!r} is invalid: use a positive integer, e.g. 20.")
+    if init not in inits:
+        raise LorakitError(f"init={init!r} is invalid: use one of {', '.join(inits)}.")
 
 
 # ---- what prefix and prompt tuning share: a decoder call with virtual tokens ahead of the real ones ----
@@ -264,7 +265,6 @@ def load(model: nn.Module, directory: str | Path, is_trainable: bool = False) ->
     return load_method_files(model, directory, PrefixConfig.from_dict,
                              lambda m, c: apply(m, dataclasses.replace(c, init="random")),  # the file replaces the init
                              lambda m: {FILE_KEY: prefix_encoder(m).prompt_embeddings}, remove, is_trainable)
-
 
 
 def remove(model: nn.Module) -> nn.Module:

@@ -23,7 +23,7 @@ from torch import nn
 from .config import config_from_dict
 from .errors import LorakitError
 from .io import load_method_files, save_method_files
-from .prefix import (FILE_KEY, check_virtual_tokens, bind_call, cache_argument, decoder_of, prefix_encoder,
+from .prefix import (FILE_KEY, check_virtual_token_fields, bind_call, cache_argument, decoder_of, prefix_encoder,
                      shift_for_virtual_tokens)
 
 PEFT_TYPE = "PROMPT_TUNING"
@@ -53,9 +53,7 @@ class PromptTuningConfig:
     task_type: str | None = "CAUSAL_LM"
 
     def __post_init__(self) -> None:
-        check_virtual_tokens(self.num_virtual_tokens)
-        if self.init not in INITS:
-            raise LorakitError(f"init={self.init!r} is invalid: use one of {', '.join(INITS)}.")
+        check_virtual_token_fields(self.num_virtual_tokens, self.init, INITS)
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a PEFT adapter_config.json dict."""
@@ -169,7 +167,6 @@ def load(model: nn.Module, directory: str | Path, is_trainable: bool = False) ->
     return load_method_files(model, directory, PromptTuningConfig.from_dict,
                              lambda m, c: apply(m, dataclasses.replace(c, init="random")),  # the file replaces the init
                              lambda m: {FILE_KEY: prompt_embedding(m).prompt_embeddings}, remove, is_trainable)
-
 
 
 def remove(model: nn.Module) -> nn.Module:

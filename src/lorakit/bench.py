@@ -66,7 +66,7 @@ class BenchInferConfig:
     new_tokens: int = 128
     """Tokens generated per run."""
     repeats: int = 5
-    """Timed generations (best is kept)."""
+    """Timed rounds, every model once per round (each model's best round is kept)."""
     peft: bool = True
     """Also time PEFT's unmerged adapter (for scale)."""
     device: str | None = None

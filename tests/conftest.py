@@ -57,8 +57,9 @@ def ids():
 @pytest.fixture(scope="session")
 def smollm_tokenizer():
     """The embedded SmolLM2 tokenizer (ChatML template included), read from the GGUF file."""
-    from lorakit.models import default_gguf_path
     from transformers import AutoTokenizer
+
+    from lorakit.training.models import default_gguf_path
 
     path = default_gguf_path()
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -85,7 +86,7 @@ def task_files(tmp_path_factory):
     """The built-in task written as JSONL: (train file, eval file), small."""
     import json
 
-    from lorakit.tasks import builtin_task
+    from lorakit.training.tasks import builtin_task
 
     train, evals = builtin_task(n_train=48, n_eval=8, seed=0)
     directory = tmp_path_factory.mktemp("task")

@@ -11,26 +11,22 @@
 
 Importing lorakit imports torch and nothing heavier; the CLI's libraries load on demand.
 """
-from .adapters import (
+from lorakit.core.active import active_adapters, adapter_names, delete_adapter, lora_configs, lora_layers, set_adapter
+from lorakit.core.adapters import (
     Summary,
-    active_adapters,
-    adapter_names,
     add_weighted_adapter,
-    delete_adapter,
     disable_adapters,
-    lora_layers,
     merge,
     merge_and_unload,
-    set_adapter,
     summary,
     unmerge,
 )
-from .config import LoraConfig
-from .errors import LorakitError
-from .inject import apply, lora_configs
-from .io import load_adapter, read_adapter_config, save_adapter
-from .layers import LoraLayer
-from .loralib_api import (
+from lorakit.core.config import LoraConfig
+from lorakit.core.errors import LorakitError
+from lorakit.core.inject import apply
+from lorakit.core.io import load_adapter, read_adapter_config, save_adapter
+from lorakit.core.layers import LoraLayer
+from lorakit.core.loralib_api import (
     Conv1d,
     Conv2d,
     Conv3d,

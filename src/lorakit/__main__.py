@@ -1,6 +1,6 @@
 """`python -m lorakit ...` (and `torchrun -m lorakit train ...`)."""
 import sys
 
-from .cli import main
+from lorakit.cli.main import main
 
 sys.exit(main())

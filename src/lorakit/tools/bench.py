@@ -1,0 +1,332 @@
+"""`lorakit bench train|infer`: how fast and how lean a LoRA step is, beside what users would otherwise run.
+
+Each configuration runs in a fresh subprocess so that its peak memory is its own:
+    floor   forward + backward of the frozen base, no adapter, input gradients only, fastest dtype
+    lorakit a full LoRA training step exactly as `lorakit train` runs it
+    peft    the same step with Hugging Face PEFT as its users run it (get_peft_model + torch.autocast)
+    full    full fine-tuning of every parameter with AdamW under autocast
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+
+from lorakit.core.errors import LorakitError
+
+LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class BenchTrainConfig:
+    model: str | None = None
+    """Model: 'default' (embedded SmolLM2-135M-Instruct), a .gguf file, or a Hugging Face model directory."""
+    r: int = 8
+    """LoRA rank."""
+    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LINEARS))
+    """Adapted modules (comma-separated)."""
+    batch_size: int = 4
+    """Sequences per step."""
+    seq_len: int = 256
+    """Tokens per sequence."""
+    steps: int = 8
+    """Timed steps (after --warmup); step_s is their median."""
+    warmup: int = 2
+    """Untimed steps first."""
+    configs: list[str] = field(default_factory=lambda: ["floor", "lorakit", "peft", "full"])
+    """Configurations to run: floor, lorakit, peft, full."""
+    rounds: int = 1
+    """Runs of each configuration, interleaved; the table keeps each one's median run (and largest peak memory)."""
+    method: Literal["lora", "dora"] = "lora"
+    """Adapter method of the lorakit and peft configurations: lora, or dora (PEFT's use_dora=True)."""
+    quantize: Literal["none", "nf4", "int8"] = "none"
+    """QLoRA: the lorakit configuration's frozen base in 4-bit NF4 or int8 (bitsandbytes)."""
+    device: str | None = None
+    """cpu, cuda ...; default: cuda if available."""
+    json: bool = False
+    """Print a JSON object instead of a table."""
+
+
+@dataclass
+class BenchInferConfig:
+    model: str | None = None
+    """Model: 'default', a .gguf file, or a Hugging Face model directory."""
+    r: int = 8
+    """LoRA rank of the adapter."""
+    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LINEARS))
+    """Adapted modules."""
+    new_tokens: int = 128
+    """Tokens generated per run."""
+    repeats: int = 5
+    """Timed rounds, every model once per round (each model's best round is kept)."""
+    peft: bool = True
+    """Also time PEFT's unmerged adapter (for scale)."""
+    device: str | None = None
+    """cpu, cuda ..."""
+    json: bool = False
+    """Print a JSON object instead of a table."""
+
+
+# ---- one configuration, in its own process ----------------------------------------------------------
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _reset_peak_memory(device: torch.device) -> bool:
+    """Restart the peak from the current usage, so that it covers the steps and not the model's loading."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:  # Linux: "5" resets the RSS high-water mark (ru_maxrss)
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _batch(cfg: BenchTrainConfig, vocab: int, device: torch.device) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len), generator=g).to(device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def _step_function(name: str, cfg: BenchTrainConfig, device: torch.device):
+    """Build configuration `name`; return a function that runs one training step, and the model it trains."""
+    from lorakit.core.config import LoraConfig
+    from lorakit.core.inject import apply
+    from lorakit.core.quantize import quantize_model
+    from lorakit.training.loss import loss_sum
+    from lorakit.training.models import default_dtype, load_model
+
+    dtype = default_dtype(device)
+    # floor and lorakit hold the frozen base in the compute dtype; peft and full keep fp32 weights, as
+    # their users run them under autocast
+    load_dtype = dtype if name in ("floor", "lorakit") else torch.float32
+    # lorakit's CPU attention for floor and lorakit (as `lorakit train` loads the model); stock "sdpa" for
+    # peft and full, as their users run them
+    model = load_model(cfg.model, device=device, dtype=load_dtype,
+                       fast_cpu_attention=name in ("floor", "lorakit")).model
+    batch = _batch(cfg, model.config.vocab_size, device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    if name == "floor":
+        model.to(dtype).requires_grad_(False)
+        embed = model.get_input_embeddings()
+
+        def step():
+            # input gradients only: the backward pass runs through every layer, no weight gradient exists
+            x = embed(batch["input_ids"]).detach().requires_grad_(True)
+            hidden = model.base_model(inputs_embeds=x, attention_mask=batch["attention_mask"]).last_hidden_state
+            logits = model.get_output_embeddings()(hidden[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"][:, 1:].flatten())
+            loss.backward()
+        return step, model
+
+    if name == "lorakit":
+        from lorakit.training.config import TrainConfig
+        from lorakit.training.loop import make_optimizer
+
+        model.to(dtype)  # as lorakit train: the frozen base in the compute dtype, LoRA in fp32
+        quantize_model(model, cfg.quantize, dtype)
+        apply(model, LoraConfig(r=cfg.r, lora_alpha=2 * cfg.r, target_modules=list(cfg.target_modules),
+                                use_dora=cfg.method == "dora"))
+        model.train()
+        opt = make_optimizer(model, TrainConfig(lr=1e-4))
+
+        def step():
+            total, n = loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            (total / n).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step, model
+
+    if name == "peft":
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        peft_model = get_peft_model(model, PeftLoraConfig(r=cfg.r, lora_alpha=2 * cfg.r, use_dora=cfg.method == "dora",
+                                                          target_modules=list(cfg.target_modules)))
+        peft_model.train()
+        opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step():
+            with autocast:
+                loss = peft_model(**batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step, peft_model
+
+    if name == "full":
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+        def step():
+            with autocast:
+                loss = model(**batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step, model
+    raise LorakitError(f"unknown bench configuration {name!r}: use floor, lorakit, peft or full.")
+
+
+def run_one(name: str, cfg: BenchTrainConfig) -> dict:
+    """Time configuration `name` in this process.
+
+    Returns:
+        tokens_per_s, step_s (median over the timed steps), step_s_mean; peak_mem_bytes (the process's peak, loading included: RSS on CPU);
+        step_peak_mem_bytes (the peak over the steps alone, None where it cannot be reset); model_bytes
+        (the model's own tensors: weights, quantization scales, adapters).
+    """
+    from lorakit.core.quantize import tensor_bytes
+    from lorakit.training.models import default_device
+
+    device = torch.device(cfg.device) if cfg.device else default_device()
+    torch.manual_seed(0)
+    step, model = _step_function(name, cfg, device)
+    setup_peak = _peak_memory(device)
+    step_peak_known = _reset_peak_memory(device)
+    for _ in range(cfg.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(cfg.steps):
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)  # robust to the odd stall of a shared machine
+    return {"tokens_per_s": cfg.batch_size * cfg.seq_len / step_s, "step_s": step_s,
+            "step_s_mean": statistics.fmean(times),
+            "peak_mem_bytes": max(setup_peak, _peak_memory(device)),
+            "step_peak_mem_bytes": _peak_memory(device) if step_peak_known else None,
+            "model_bytes": tensor_bytes(model)}
+
+
+def _in_subprocess(name: str, cfg: BenchTrainConfig) -> dict:
+    payload = json.dumps({"name": name, "config": asdict(cfg)})
+    proc = subprocess.run([sys.executable, "-m", "lorakit.tools.bench", payload], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"})
+    if proc.returncode != 0:
+        raise LorakitError(f"bench configuration {name!r} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _ratios(results: dict[str, dict]) -> None:
+    for name, r in results.items():
+        for ref in ("floor", "peft", "full"):
+            if ref in results and ref != name:
+                r[f"tokens_per_s_vs_{ref}"] = r["tokens_per_s"] / results[ref]["tokens_per_s"]
+                r[f"peak_mem_vs_{ref}"] = r["peak_mem_bytes"] / results[ref]["peak_mem_bytes"]
+                r[f"step_s_vs_{ref}"] = r["step_s"] / results[ref]["step_s"]
+
+
+def train_table(results: dict[str, dict]) -> str:
+    lines = ["| config | tokens/s | step (s) | peak memory (GB) | vs floor (tok/s) | vs peft (tok/s) | vs peft (memory) "
+             "| model (GB) | steps peak (GB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        f = lambda key: f"{r[key]:.2f}x" if key in r else "-"  # noqa: E731
+        steps_peak = f"{r['step_peak_mem_bytes'] / 1e9:.2f}" if r.get("step_peak_mem_bytes") else "-"
+        lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {r['step_s']:.3f} | {r['peak_mem_bytes'] / 1e9:.2f} | "
+                     f"{f('tokens_per_s_vs_floor')} | {f('tokens_per_s_vs_peft')} | {f('peak_mem_vs_peft')} "
+                     f"| {r['model_bytes'] / 1e9:.3f} | {steps_peak} |")
+    return "\n".join(lines)
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median step time (the lower one for an even count), its peak memory the largest seen."""
+    chosen = dict(sorted(runs, key=lambda r: r["step_s"])[(len(runs) - 1) // 2])
+    chosen["peak_mem_bytes"] = max(r["peak_mem_bytes"] for r in runs)
+    chosen["step_s_rounds"] = [r["step_s"] for r in runs]
+    return chosen
+
+
+def bench_train(cfg: BenchTrainConfig) -> dict:
+    """Run every configuration in its own subprocess, --rounds times interleaved; print the table (or JSON)."""
+    if cfg.rounds < 1:
+        raise LorakitError(f"--rounds must be at least 1, got {cfg.rounds}.")
+    runs: dict[str, list[dict]] = {name: [] for name in cfg.configs}
+    for _ in range(cfg.rounds):  # floor, lorakit, peft, full, floor, ...: a drift in speed hits all alike
+        for name in cfg.configs:
+            runs[name].append(_in_subprocess(name, cfg))
+    results = {name: _median_run(r) for name, r in runs.items()}
+    _ratios(results)
+    out = {"model": cfg.model or "default", "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "r": cfg.r,
+           "quantize": cfg.quantize, "method": cfg.method, "rounds": cfg.rounds, "torch": torch.__version__,
+           "configs": results}
+    print(json.dumps(out, indent=2) if cfg.json else train_table(results))
+    return out
+
+
+# ---- inference ---------------------------------------------------------------------------------------
+def bench_infer(cfg: BenchInferConfig) -> dict:
+    """Generation tokens/s of the base, base + adapter (unmerged) and merged, same prompt and length.
+
+    "merged" is what `lorakit merge` exports: merge_and_unload, the base's own modules with W + s B A.
+    The models are held side by side and timed in turn, round after round (the best round of each is
+    kept), so a drift in the machine's speed hits them all alike.
+    """
+    import copy
+
+    from lorakit.core.adapters import merge_and_unload
+    from lorakit.core.config import LoraConfig
+    from lorakit.core.inject import apply
+    from lorakit.training.models import default_device, default_dtype, load_model
+
+    device = torch.device(cfg.device) if cfg.device else default_device()
+    loaded = load_model(cfg.model, device=device)
+    base, tok = loaded.model.to(default_dtype(device)), loaded.tokenizer
+    ids = tok("The history of the printing press", return_tensors="pt").to(device)
+    adapter = LoraConfig(r=cfg.r, target_modules=list(cfg.target_modules), init_lora_weights=False)  # B != 0
+    unmerged = apply(copy.deepcopy(base), adapter).eval()
+    # "base (copy)", a second copy of the base, shows how far two identical models differ on this machine
+    models = {"base": base, "base (copy)": copy.deepcopy(base), "unmerged": unmerged,
+              "merged": merge_and_unload(copy.deepcopy(unmerged))}
+    if cfg.peft:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        peft_base = load_model(cfg.model, device=device, fast_cpu_attention=False).model.to(default_dtype(device))
+        models["peft unmerged"] = get_peft_model(peft_base, PeftLoraConfig(
+            r=cfg.r, target_modules=list(cfg.target_modules), init_lora_weights=False)).eval()
+
+    best = {name: float("inf") for name in models}
+    with torch.no_grad():
+        for round_ in range(cfg.repeats + 1):  # round 0 warms up
+            for name, model in models.items():
+                start = time.perf_counter()
+                model.generate(**ids, max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens,
+                               do_sample=False, pad_token_id=tok.pad_token_id)
+                if round_:
+                    best[name] = min(best[name], time.perf_counter() - start)
+    results = {name: cfg.new_tokens / seconds for name, seconds in best.items()}
+    out = {"tokens_per_s": results, "unmerged_vs_base": results["unmerged"] / results["base"],
+           "merged_vs_base": results["merged"] / results["base"], "new_tokens": cfg.new_tokens,
+           "model": cfg.model or "default", "r": cfg.r}
+    if cfg.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print("| model | tokens/s | vs base |\n|---|---|---|")
+        for name, value in results.items():
+            print(f"| {name} | {value:.1f} | {value / results['base']:.3f}x |")
+    return out
+
+
+if __name__ == "__main__":  # the per-configuration subprocess
+    request = json.loads(sys.argv[1])
+    print(json.dumps(run_one(request["name"], BenchTrainConfig(**request["config"]))))

@@ -1,0 +1,99 @@
+"""Measuring a model: held-out loss and perplexity, greedy-generation exact match, the forgetting probe."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.training.data import collate, exact_match
+from lorakit.training.loss import loss_sum
+
+
+@dataclass
+class EvalResult:
+    """What one evaluation measured; fields that were not measured stay None."""
+
+    loss: float | None = None
+    perplexity: float | None = None
+    exact_match: float | None = None
+    probe_perplexity: float | None = None
+    n_examples: int = 0
+    samples: list[tuple[str, str]] = field(default_factory=list)  # (reference, generated), a few
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, examples: list[dict], pad_id: int, device: torch.device, batch_size: int = 16) -> float:
+    """Mean next-token cross-entropy over the labelled tokens of `examples`."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    # Sorting by length keeps padding (wasted compute) small.
+    ordered = sorted(examples, key=lambda e: len(e["input_ids"]))
+    for start in range(0, len(ordered), batch_size):
+        batch = {k: v.to(device) for k, v in collate(ordered[start:start + batch_size], pad_id).items()}
+        s, n = loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        total += float(s)
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """eos plus the chat template's end-of-turn token, whichever exist."""
+    ids = {tokenizer.eos_token_id}
+    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module, tokenizer: Any, prompts: list[str], device: torch.device,
+    max_new_tokens: int = 64, batch_size: int = 32,
+) -> list[str]:
+    """Greedy completions of already-rendered prompts, batched with left padding."""
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    outputs: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(device)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(tokenizer))
+            new = out[:, enc["input_ids"].shape[1]:]
+            outputs += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return outputs
+
+
+def exact_match_rate(predictions: list[str], references: list[str]) -> float:
+    """Fraction of predictions equal to their reference after stripping whitespace."""
+    return sum(exact_match(p, r) for p, r in zip(predictions, references)) / max(len(references), 1)
+
+
+@torch.no_grad()
+def text_perplexity(model: nn.Module, tokenizer: Any, texts: list[str], device: torch.device,
+                    max_len: int = 256, batch_size: int = 8) -> float:
+    """Perplexity of plain `texts` (each cut into max_len-token pieces), for the forgetting probe."""
+    examples = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for start in range(0, len(ids), max_len):
+            piece = ids[start:start + max_len]
+            if len(piece) > 1:
+                examples.append({"input_ids": piece, "labels": list(piece)})
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return math.exp(mean_loss(model, examples, pad_id, device, batch_size))

@@ -1,0 +1,133 @@
+"""What a run shows: before/after measurements, metrics.jsonl, loss.png and report.md."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.core.fsutil import atomic_write_text
+from lorakit.training.evaluate import (
+    EvalResult,
+    exact_match_rate,
+    generate,
+    mean_loss,
+    text_perplexity,
+)
+
+
+class MetricsLog:
+    """Appends one JSON object per line to metrics.jsonl; on resume, drops lines past the checkpoint."""
+
+    def __init__(self, path: Path, enabled: bool = True, truncate_after: int = 0) -> None:
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if truncate_after and path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= truncate_after]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def heldout_loss(model: nn.Module, data, pad_id: int, device: torch.device) -> float:
+    return mean_loss(model, data.eval, pad_id, device)
+
+
+def measure(model: nn.Module, tokenizer: Any, data, cfg, device: torch.device) -> EvalResult:
+    """Held-out loss/perplexity, exact match (instruction/chat data) and the forgetting probe."""
+    from lorakit.training.data import prompts_and_references
+    from lorakit.training.tasks import forgetting_probe_texts
+
+    loss = heldout_loss(model, data, tokenizer.pad_token_id, device)
+    result = EvalResult(loss=loss, perplexity=math.exp(loss), n_examples=len(data.eval))
+    if data.format in ("instruction", "chat") and cfg.eval_samples > 0:
+        pairs = prompts_and_references(data.eval_records[: cfg.eval_samples], tokenizer, data.format)
+        predictions = generate(model, tokenizer, [p for p, _ in pairs], device, cfg.max_new_tokens)
+        result.exact_match = exact_match_rate(predictions, [r for _, r in pairs])
+        result.samples = list(zip([r for _, r in pairs][:3], predictions[:3]))
+    result.probe_perplexity = text_perplexity(model, tokenizer, forgetting_probe_texts(), device)
+    return result
+
+
+def _fmt(value: float | None, pct: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f}%" if pct else f"{value:.4f}"
+
+
+def comparison_table(before: EvalResult, after: EvalResult) -> str:
+    """A Markdown table of before vs after."""
+    rows = [
+        ("held-out loss", before.loss, after.loss, False),
+        ("held-out perplexity", before.perplexity, after.perplexity, False),
+        ("held-out exact match", before.exact_match, after.exact_match, True),
+        ("forgetting probe perplexity (stdlib docstrings)", before.probe_perplexity, after.probe_perplexity, False),
+    ]
+    lines = ["| metric | before | after | change |", "|---|---|---|---|"]
+    for name, b, a, pct in rows:
+        if b is None or a is None:
+            continue
+        change = f"{100 * (a - b):+.1f} points" if pct else f"{100 * (a - b) / b:+.1f}%"
+        lines.append(f"| {name} | {_fmt(b, pct)} | {_fmt(a, pct)} | {change} |")
+    return "\n".join(lines)
+
+
+def plot_loss(metrics_path: Path, png_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
+    evals = [r for r in rows if "eval_loss" in r]
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    tmp = png_path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(png_path)
+
+
+def write_run_report(out: Path, cfg, before: EvalResult, after: EvalResult, counts, steps: int,
+                     tokens_per_s: float | None, wall_s: float, world_size: int) -> dict[str, Any]:
+    """Write report.md and loss.png, print the table, and return the run's summary."""
+    table = comparison_table(before, after)
+    samples = "\n".join(f"- reference: `{ref}`\n  generated: `{gen}`" for ref, gen in getattr(after, "samples", []))
+    text = "\n".join([
+        f"# lorakit run: {out.name}", "",
+        f"- base model: `{cfg.model or 'default'}`; data: `{cfg.data or 'built-in order-record task'}`",
+        f"- LoRA r={cfg.r}, lora_alpha={cfg.lora_alpha}, targets={','.join(cfg.target_modules)}",
+        f"- trainable parameters: {counts.trainable_params:,} of {counts.total_params:,} "
+        f"({counts.trainable_percent:.2f}%)",
+        f"- steps: {steps}, processes: {world_size}, training throughput: "
+        f"{tokens_per_s:.0f} tokens/s" if tokens_per_s else f"- steps: {steps}",
+        f"- wall time (load, evaluate, train, evaluate): {wall_s:.0f} s", "",
+        "## Before vs after", "", table, "",
+        "The forgetting probe is perplexity on English text that is not in the training data; "
+        "a small change means the pretrained knowledge was kept.", "",
+    ] + (["## Sample generations (after)", "", samples, ""] if samples else []))
+    atomic_write_text(out / "report.md", text)
+    if (out / "metrics.jsonl").exists():
+        plot_loss(out / "metrics.jsonl", out / "loss.png")
+    print("\n" + table + f"\n\nreport: {out / 'report.md'}")
+    summary = {"before": before.to_dict(), "after": after.to_dict(), "trainable_params": counts.trainable_params,
+               "total_params": counts.total_params, "steps": steps, "tokens_per_s": tokens_per_s, "wall_s": wall_s}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,83 @@
+"""`lorakit bench` on a tiny model: every configuration runs and trains what it should; the report adds up.
+
+Speed and memory targets live in the benchmark itself (README, Performance), never in these tests.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lorakit import LorakitError
+from lorakit.cli.main import main
+from lorakit.tools.bench import (
+    BenchInferConfig,
+    BenchTrainConfig,
+    _median_run,
+    _step_function,
+    bench_infer,
+    bench_train,
+)
+
+
+def _cfg(model_dir, **kw):
+    return BenchTrainConfig(model=str(model_dir), batch_size=2, seq_len=16, steps=1, warmup=1, device="cpu",
+                            target_modules=["q_proj", "v_proj", "down_proj"], **kw)
+
+
+def test_bench_train_json_has_every_configuration_and_consistent_ratios(tiny_model_dir, capsys):
+    assert main(["bench", "train", "--model", str(tiny_model_dir), "--batch-size", "2", "--seq-len", "16",
+                 "--steps", "1", "--warmup", "1", "--device", "cpu", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    configs = out["configs"]
+    assert list(configs) == ["floor", "lorakit", "peft", "full"]
+    for name, r in configs.items():
+        assert r["tokens_per_s"] > 0 and r["step_s"] > 0 and r["peak_mem_bytes"] > 0 and r["model_bytes"] > 0
+        assert r["tokens_per_s"] == pytest.approx(2 * 16 / r["step_s"])
+        for ref in ("floor", "peft"):
+            if ref != name:
+                assert r[f"tokens_per_s_vs_{ref}"] == pytest.approx(r["tokens_per_s"] / configs[ref]["tokens_per_s"])
+                assert r[f"peak_mem_vs_{ref}"] == pytest.approx(r["peak_mem_bytes"] / configs[ref]["peak_mem_bytes"])
+    # the frozen bf16 base of floor/lorakit is half the fp32 base that peft and full keep
+    assert configs["lorakit"]["model_bytes"] < 0.6 * configs["peft"]["model_bytes"]
+
+
+@pytest.mark.parametrize("name", ["floor", "lorakit", "peft", "full"])
+def test_each_configuration_trains_what_it_should(tiny_model_dir, name):
+    step, model = _step_function(name, _cfg(tiny_model_dir), torch.device("cpu"))
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    step()
+    changed = {k for k, v in model.named_parameters() if not torch.equal(v, before[k])}
+    if name == "floor":  # input gradients only: no weight has a gradient, nothing changes
+        assert not changed and all(p.grad is None for p in model.parameters())
+    elif name == "full":
+        assert changed == set(before)
+    else:  # lorakit and peft move only the LoRA factors, every B among them (B starts at zero)
+        lora_b = {k for k in before if "lora_B" in k}
+        assert lora_b and lora_b <= changed
+        assert all("lora_" in k for k in changed)
+
+
+def test_bench_dora_and_nf4_configurations_build(tiny_model_dir):
+    step, model = _step_function("lorakit", _cfg(tiny_model_dir, method="dora"), torch.device("cpu"))
+    step()
+    assert any("lora_magnitude_vector" in k for k, _ in model.named_parameters())
+
+
+def test_bench_infer_reports_all_rows(tiny_model_dir):
+    out = bench_infer(BenchInferConfig(model=str(tiny_model_dir), new_tokens=4, repeats=1, device="cpu",
+                                       target_modules=["q_proj", "v_proj"]))
+    rates = out["tokens_per_s"]
+    assert set(rates) == {"base", "base (copy)", "unmerged", "merged", "peft unmerged"} and min(rates.values()) > 0
+    assert out["merged_vs_base"] == pytest.approx(rates["merged"] / rates["base"])
+
+
+def test_rounds_keep_the_median_run_and_the_largest_peak():
+    runs = [{"step_s": 3.0, "tokens_per_s": 1.0, "peak_mem_bytes": 5}, {"step_s": 1.0, "tokens_per_s": 3.0, "peak_mem_bytes": 9},
+            {"step_s": 2.0, "tokens_per_s": 1.5, "peak_mem_bytes": 7}]
+    chosen = _median_run(runs)
+    assert chosen["step_s"] == 2.0 and chosen["tokens_per_s"] == 1.5 and chosen["peak_mem_bytes"] == 9
+    assert chosen["step_s_rounds"] == [3.0, 1.0, 2.0]
+    with pytest.raises(LorakitError, match="--rounds"):
+        bench_train(BenchTrainConfig(rounds=0))

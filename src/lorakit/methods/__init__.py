@@ -1,0 +1,2 @@
+"""Parameter-efficient methods behind one interface (`lorakit.methods.base.Method`), their registry and
+combination. Imports only `lorakit.core`."""

@@ -66,6 +66,16 @@ def smollm_tokenizer():
 
 
 @pytest.fixture(scope="session")
+def smollm_tokenizer_without_template(smollm_tokenizer):
+    """The same tokenizer without a chat template, to exercise the Alpaca-style fallback."""
+    import copy
+
+    plain = copy.deepcopy(smollm_tokenizer)
+    plain.chat_template = None
+    return plain
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm_tokenizer):
     """A 2-layer random Llama with SmolLM2's vocabulary and tokenizer, saved as a HF directory."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -76,7 +76,8 @@ class EvalConfig:
 
 def run_eval(cfg: EvalConfig) -> dict:
     """Loss and perplexity; for instruction/chat data also greedy generation exact match."""
-    from lorakit.training.data import load_records, tokenize_records
+    from lorakit.training.data.records import load_records
+    from lorakit.training.data.tokenize import tokenize_records
     from lorakit.training.loop import Datasets
     from lorakit.training.report import measure
     from lorakit.training.tasks import builtin_task

@@ -164,11 +164,9 @@ def evaluate_adapters(adapters: dict[str, str | Path], cfg: CompressConfig) -> d
     """
     from lorakit.core.active import set_adapter
     from lorakit.core.io import load_adapter, read_adapter_config
-    from lorakit.training.data import (
-        load_records,
-        prompts_and_references,
-        tokenize_records,
-    )
+    from lorakit.training.data.records import load_records
+    from lorakit.training.data.render import prompts_and_references
+    from lorakit.training.data.tokenize import tokenize_records
     from lorakit.training.evaluate import exact_match_rate, generate, mean_loss
     from lorakit.training.models import compute_dtype, load_model
     from lorakit.training.tasks import builtin_task

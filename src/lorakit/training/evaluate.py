@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.training.data import collate, exact_match
+from lorakit.training.data.batching import collate
 from lorakit.training.loss import loss_sum
 
 
@@ -77,6 +77,19 @@ def generate(
         tokenizer.padding_side = side
         model.train(was_training)
     return outputs
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    """Whether ``prediction`` equals ``reference`` after stripping surrounding whitespace.
+
+    Args:
+        prediction: generated text.
+        reference: expected text.
+
+    Returns:
+        True when both are equal once stripped.
+    """
+    return prediction.strip() == reference.strip()
 
 
 def exact_match_rate(predictions: list[str], references: list[str]) -> float:

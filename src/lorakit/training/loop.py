@@ -17,6 +17,7 @@ from torch import nn
 
 from lorakit.core.errors import LorakitError
 from lorakit.training.config import TrainConfig
+from lorakit.training.loss import IGNORE_INDEX
 from lorakit.training.models import compute_dtype
 
 
@@ -30,12 +31,9 @@ class Datasets:
 
 
 def load_datasets(cfg: TrainConfig, tokenizer) -> Datasets:
-    from lorakit.training.data import (
-        load_records,
-        pack,
-        split_heldout,
-        tokenize_records,
-    )
+    from lorakit.training.data.batching import pack
+    from lorakit.training.data.records import load_records, split_heldout
+    from lorakit.training.data.tokenize import tokenize_records
     from lorakit.training.tasks import builtin_task
 
     fmt = None if cfg.format == "auto" else cfg.format
@@ -162,7 +160,7 @@ def train(cfg: TrainConfig) -> dict:
         load_checkpoint,
         save_checkpoint,
     )
-    from lorakit.training.data import collate
+    from lorakit.training.data.batching import collate
     from lorakit.training.distributed import close_world, init_world, main_first
     from lorakit.training.models import load_model
 
@@ -223,7 +221,7 @@ def train(cfg: TrainConfig) -> dict:
         for step in range(start_step, total_steps):
             t0 = time.perf_counter()
             micro = [collate([data.train[i] for i in idx], pad_id) for idx in plan.micro_batches(step, world.rank)]
-            local_tokens = sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro)
+            local_tokens = sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in micro)
             global_tokens = world.sum(local_tokens)
             local_loss = 0.0
             for k, batch in enumerate(micro):

@@ -45,7 +45,7 @@ def heldout_loss(model: nn.Module, data, pad_id: int, device: torch.device) -> f
 
 def measure(model: nn.Module, tokenizer: Any, data, cfg, device: torch.device) -> EvalResult:
     """Held-out loss/perplexity, exact match (instruction/chat data) and the forgetting probe."""
-    from lorakit.training.data import prompts_and_references
+    from lorakit.training.data.render import prompts_and_references
     from lorakit.training.tasks import forgetting_probe_texts
 
     loss = heldout_loss(model, data, tokenizer.pad_token_id, device)

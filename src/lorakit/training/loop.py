@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,41 +21,6 @@ from lorakit.training.models import compute_dtype
 
 
 # ---- data -------------------------------------------------------------------------------------------
-@dataclass
-class Datasets:
-    format: str
-    train: list[dict]           # tokenized: input_ids, labels
-    eval: list[dict]
-    eval_records: list[dict]    # raw, for generation exact match
-
-
-def load_datasets(cfg: TrainConfig, tokenizer) -> Datasets:
-    from lorakit.training.data.batching import pack
-    from lorakit.training.data.records import load_records, split_heldout
-    from lorakit.training.data.tokenize import tokenize_records
-    from lorakit.training.tasks import builtin_task
-
-    fmt = None if cfg.format == "auto" else cfg.format
-    if cfg.data is None:
-        train_records, eval_records = builtin_task(n_train=cfg.task_size, n_eval=cfg.eval_samples, seed=0)
-        fmt = "instruction"
-    else:
-        train_records, fmt = load_records(cfg.data, fmt)
-        if cfg.eval_data:
-            eval_records, _ = load_records(cfg.eval_data, fmt)
-        else:
-            train_records, eval_records = split_heldout(train_records, cfg.eval_fraction, seed=cfg.seed)
-    tok = dict(tokenizer=tokenizer, format=fmt, max_seq_len=cfg.max_seq_len, truncate=cfg.truncate,
-               train_on_prompt=cfg.train_on_prompt)
-    train = tokenize_records(train_records, source=cfg.data, **tok)
-    evals = tokenize_records(eval_records, source=cfg.eval_data or cfg.data, **tok)
-    if cfg.packing:
-        train = pack(train, cfg.max_seq_len)
-    if not train:
-        raise LorakitError(f"{cfg.data}: no training samples left after the held-out split; add data.")
-    return Datasets(fmt, train, evals, eval_records)
-
-
 class BatchPlan:
     """Which samples each (step, micro-batch, rank) gets: a deterministic function of the seed, so a
     resumed run sees exactly the batches an uninterrupted one would.
@@ -161,7 +125,9 @@ def train(cfg: TrainConfig) -> dict:
         save_checkpoint,
     )
     from lorakit.training.data.batching import collate
+    from lorakit.training.data.sets import load_datasets
     from lorakit.training.distributed import close_world, init_world, main_first
+    from lorakit.training.evaluate import evaluate, mean_loss
     from lorakit.training.models import load_model
 
     started = time.perf_counter()
@@ -183,7 +149,8 @@ def train(cfg: TrainConfig) -> dict:
             out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, out / "config.yaml")
 
-        before = report.measure(model, tokenizer, data, cfg, world.device) if world.is_main else None
+        before = (evaluate(model, tokenizer, data.eval, world.device, cfg.eval_samples, cfg.max_new_tokens)
+                  if world.is_main else None)
 
         torch.manual_seed(cfg.seed)
         methods = make_methods(cfg)
@@ -266,7 +233,7 @@ def train(cfg: TrainConfig) -> dict:
             record = {"step": step + 1, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
                       "tokens_per_s": step_tokens / elapsed, "step_s": elapsed}
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total_steps and world.is_main:
-                record["eval_loss"] = report.heldout_loss(model, data, pad_id, world.device)
+                record["eval_loss"] = mean_loss(model, data.eval.examples, pad_id, world.device)
             metrics.write(record)
             bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens_seen / train_time:.0f}")
             bar.update(1)
@@ -281,7 +248,7 @@ def train(cfg: TrainConfig) -> dict:
         if world.is_main:
             with atomic_directory(out / "adapter") as tmp:
                 save_run_adapter(methods, model, tmp)
-            after = report.measure(model, tokenizer, data, cfg, world.device)
+            after = evaluate(model, tokenizer, data.eval, world.device, cfg.eval_samples, cfg.max_new_tokens)
             result = report.write_run_report(
                 out, cfg, before=before, after=after, counts=counts, steps=total_steps,
                 tokens_per_s=tokens_seen / train_time if train_time else None,

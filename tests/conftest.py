@@ -92,6 +92,22 @@ def tiny_model_dir(tmp_path_factory, smollm_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir64(tmp_path_factory, smollm_tokenizer):
+    """tiny_model_dir's model, 64 wide (NF4 blocks fit its rows on the CPU)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = smollm_tokenizer
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    directory = tmp_path_factory.mktemp("tiny-llama-64")
+    LlamaForCausalLM(cfg).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
 def task_files(tmp_path_factory):
     """The built-in task written as JSONL: (train file, eval file), small."""
     import json

@@ -15,8 +15,9 @@ from lorakit.training.evaluate import (
     exact_match_rate,
     run_eval,
 )
+from lorakit.training.loading import load_with_adapter
 from lorakit.training.loss import IGNORE_INDEX
-from lorakit.training.models import load_adapted, load_model
+from lorakit.training.models import load_model
 
 
 def test_exact_match():
@@ -71,7 +72,7 @@ def test_run_eval_prints_what_evaluate_measures(tiny_model_dir, task_files, caps
     out = run_eval(EvalConfig(data=str(evals), model=str(tiny_model_dir), eval_samples=2, max_new_tokens=4,
                               json=True, device="cpu"))
     assert json.loads(capsys.readouterr().out) == out
-    loaded = load_adapted(str(tiny_model_dir), device="cpu")  # the same compute dtype as run_eval's
+    loaded = load_with_adapter(str(tiny_model_dir), None, "cpu")  # the same compute dtype as run_eval's
     data = load_eval_set(evals, loaded.tokenizer)
     direct = evaluate(loaded.model, loaded.tokenizer, data, torch.device("cpu"), 2, 4)
     assert out["loss"] == pytest.approx(direct.loss, rel=1e-5)

@@ -21,8 +21,8 @@ from lorakit.tools.rank import RankConfig, run_rank
 from lorakit.tools.sweep import SweepConfig, run_sweep
 from lorakit.training.config import TrainConfig
 from lorakit.training.evaluate import EvalConfig, run_eval
+from lorakit.training.loading import load_with_adapter
 from lorakit.training.loop import train
-from lorakit.training.models import load_adapted
 
 
 # ---- generate / chat --------------------------------------------------------------------------------
@@ -67,7 +67,7 @@ def _reply(loaded, messages_or_text, cfg) -> str:
 
 def run_generate(cfg: GenerateConfig) -> str:
     """Generate one reply from the base model or base + adapter."""
-    loaded = load_adapted(cfg.model, cfg.adapter, cfg.device, quantize=cfg.quantize)
+    loaded = load_with_adapter(cfg.model, cfg.adapter, cfg.device, quantize=cfg.quantize)
     prompt = cfg.prompt if cfg.prompt is not None else sys.stdin.read()
     reply = _reply(loaded, prompt if cfg.raw else [{"role": "user", "content": prompt}], cfg)
     print(reply)
@@ -76,7 +76,7 @@ def run_generate(cfg: GenerateConfig) -> str:
 
 def run_chat(cfg: GenerateConfig) -> None:
     """An interactive chat (empty line or Ctrl-D ends it)."""
-    loaded = load_adapted(cfg.model, cfg.adapter, cfg.device, quantize=cfg.quantize)
+    loaded = load_with_adapter(cfg.model, cfg.adapter, cfg.device, quantize=cfg.quantize)
     messages: list[dict] = []
     print("lorakit chat: empty line or Ctrl-D to quit")
     while True:
@@ -115,7 +115,8 @@ def run_merge(cfg: MergeConfig) -> Path:
     from lorakit.core.quantize import quantize_model
     from lorakit.methods.combine import load as load_adapter
     from lorakit.methods.combine import merge_and_unload
-    from lorakit.training.models import base_model_for, compute_dtype, load_model
+    from lorakit.training.loading import base_model_for
+    from lorakit.training.models import compute_dtype, load_model
 
     if not cfg.adapter or not cfg.output:
         raise LorakitError("lorakit merge needs --adapter DIR and --output DIR.")

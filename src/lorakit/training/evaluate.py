@@ -16,8 +16,8 @@ from torch import nn
 from lorakit.training.data.batching import collate
 from lorakit.training.data.render import prompts_and_references
 from lorakit.training.data.sets import EvalSet, load_eval_set
+from lorakit.training.loading import load_with_adapter
 from lorakit.training.loss import loss_sum
-from lorakit.training.models import load_adapted
 from lorakit.training.tasks import forgetting_probe_texts
 
 
@@ -186,7 +186,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     Raises:
         LorakitError: the model, adapter or data cannot be loaded.
     """
-    loaded = load_adapted(cfg.model, cfg.adapter, cfg.device, quantize=cfg.quantize)
+    loaded = load_with_adapter(cfg.model, cfg.adapter, cfg.device, quantize=cfg.quantize)
     data = load_eval_set(cfg.data, loaded.tokenizer, cfg.format, cfg.max_seq_len, builtin_samples=cfg.eval_samples)
     result = evaluate(loaded.model, loaded.tokenizer, data, loaded.model.device, cfg.eval_samples, cfg.max_new_tokens)
     out = {k: v for k, v in result.to_dict().items() if k != "samples"}

@@ -227,53 +227,6 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, source=resolved.source)
 
 
-def base_model_for(model: str | None, adapter: str | os.PathLike | None) -> str | None:
-    """The base model to load under an adapter: `model` when given, else the one the adapter records.
-
-    Args:
-        model: a model spec (see `load_model`), or None.
-        adapter: an adapter directory (any method, or several saved together), or None.
-
-    Returns:
-        `model`; without it the adapter's recorded base; None (the embedded default) without either.
-    """
-    if model or not adapter:
-        return model
-    from lorakit.methods.combine import base_model_of
-
-    return base_model_of(adapter)
-
-
-def load_adapted(model: str | None = None, adapter: str | os.PathLike | None = None,
-                 device: str | torch.device | None = None, precision: str = "auto",
-                 quantize: str = "none") -> LoadedModel:
-    """A base model in the compute dtype (quantized if asked) with an adapter applied, frozen.
-
-    Args:
-        model: the base model spec; None: the adapter's recorded base, else the embedded default.
-        adapter: an adapter directory of any method (or several saved together); None: the base alone.
-        device: where to put the model; None: `default_device()`.
-        precision: "auto", "bf16", "fp16" or "fp32" (see `compute_dtype`).
-        quantize: "none", "nf4" or "int8": hold the base's block linears so, as a QLoRA adapter was trained.
-
-    Returns:
-        The loaded model and tokenizer.
-
-    Raises:
-        LorakitError: the model or adapter cannot be loaded, or they do not fit together.
-    """
-    from lorakit.core.quantize import quantize_model
-    from lorakit.methods.combine import load as load_adapter
-
-    loaded = load_model(base_model_for(model, adapter), device=device)
-    dtype = compute_dtype(precision, loaded.model.device)
-    loaded.model.to(dtype)
-    quantize_model(loaded.model, quantize, dtype)
-    if adapter:
-        load_adapter(loaded.model, adapter)
-    return loaded
-
-
 def model_config_dict(spec: str | os.PathLike | None = None) -> dict[str, Any]:
     """The model's transformers config as a dict, without loading any weights.
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lorakit.core.errors import LorakitError
-from lorakit.training.data.batching import collate, pack
+from lorakit.training.data.batching import BatchPlan, collate, pack
 from lorakit.training.loss import IGNORE_INDEX
 
 
@@ -39,3 +39,21 @@ def test_collate_pads_right():
     assert batch["attention_mask"][1].tolist() == [1] * 5
     with pytest.raises(LorakitError):
         collate([], pad_id=0)
+
+
+def test_batch_plan_is_a_function_of_the_step():
+    plan = BatchPlan(n=10, batch_size=2, world_size=2, grad_accum=2, seed=3)
+    assert plan.global_batch == 8
+    # the sample stream: micro-batch by micro-batch, each one rank 0's slice then rank 1's
+    stream = [i for step in range(5) for pair in zip(plan.micro_batches(step, 0), plan.micro_batches(step, 1))
+              for m in pair for i in m]
+    # one epoch is a permutation of the samples, then the next epoch's, and so on
+    assert sorted(stream[:10]) == sorted(stream[10:20]) == list(range(10))
+    # a fresh plan (a resumed run) gives step 3 the same batches as the plan that ran steps 0-2
+    again = BatchPlan(n=10, batch_size=2, world_size=2, grad_accum=2, seed=3)
+    assert [again.micro_batches(3, rank) for rank in (0, 1)] == [plan.micro_batches(3, rank) for rank in (0, 1)]
+    # the two processes split each micro-batch, and one process alone with twice the batch sees the same samples
+    single = BatchPlan(n=10, batch_size=4, world_size=1, grad_accum=2, seed=3)
+    for step in range(5):
+        assert [sorted(a + b) for a, b in zip(plan.micro_batches(step, 0), plan.micro_batches(step, 1))] == \
+            [sorted(m) for m in single.micro_batches(step, 0)]

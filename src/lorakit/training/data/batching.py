@@ -1,4 +1,5 @@
-"""Batching tokenized examples: packing them into fixed-length blocks, and collating a batch into tensors."""
+"""Batching tokenized examples: packing them into fixed-length blocks, choosing each step's samples
+(`BatchPlan`), and collating a batch into tensors."""
 from __future__ import annotations
 
 import torch
@@ -64,3 +65,34 @@ def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         attention_mask[row, :n] = 1
         labels[row, :n] = torch.tensor(example["labels"], dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class BatchPlan:
+    """Which samples each (step, micro-batch, rank) gets: a deterministic function of the seed, so a
+    resumed run sees exactly the batches an uninterrupted one would.
+
+    The sample stream is epoch 0's permutation, then epoch 1's, ...; step s uses the next
+    global_batch = batch_size x world_size x grad_accum samples, rank k a contiguous slice of each micro-batch.
+    """
+
+    def __init__(self, n: int, batch_size: int, world_size: int, grad_accum: int, seed: int) -> None:
+        """Plan batches of `batch_size` samples of `n`, over `world_size` processes and `grad_accum` micro-batches."""
+        self.n, self.b, self.w, self.accum, self.seed = n, batch_size, world_size, grad_accum, seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step, over all processes and micro-batches."""
+        return self.b * self.w * self.accum
+
+    def _index(self, position: int) -> int:
+        epoch, offset = divmod(position, self.n)
+        if epoch not in self._perms:
+            self._perms[epoch] = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+        return int(self._perms[epoch][offset])
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        """The sample indices of each micro-batch that process `rank` runs at optimizer step `step`."""
+        start = step * self.global_batch
+        return [[self._index(start + m * self.b * self.w + rank * self.b + i) for i in range(self.b)]
+                for m in range(self.accum)]

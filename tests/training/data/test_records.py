@@ -4,33 +4,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import CHAT_RECORD, jsonl, write_file
 
 from lorakit.core.errors import LorakitError
 from lorakit.training.data.records import load_records, record_location, split_heldout
-
-
-def write(tmp_path: Path, name: str, text: str) -> Path:
-    path = tmp_path / name
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def jsonl(*rows: object) -> str:
-    return "".join(json.dumps(row) + "\n" for row in rows)
-
-
-CHAT = {
-    "messages": [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Capital of France?"},
-        {"role": "assistant", "content": "Paris"},
-        {"role": "user", "content": "And of Italy?"},
-        {"role": "assistant", "content": "Rome"},
-    ]
-}
 
 
 def test_import_does_not_load_transformers():
@@ -41,21 +20,21 @@ def test_import_does_not_load_transformers():
 
 
 def test_jsonl_formats_detected_with_blank_lines(tmp_path):
-    path = write(tmp_path, "a.jsonl", "\n" + jsonl({"text": "hello"}) + "\n" + jsonl({"text": "world"}))
+    path = write_file(tmp_path, "a.jsonl", "\n" + jsonl({"text": "hello"}) + "\n" + jsonl({"text": "world"}))
     records, fmt = load_records(path)
     assert fmt == "text"
     assert [(r["text"], r["_line"]) for r in records] == [("hello", 2), ("world", 4)]
 
-    records, fmt = load_records(write(tmp_path, "b.jsonl", jsonl({"instruction": "Hi", "output": "Yo"})))
+    records, fmt = load_records(write_file(tmp_path, "b.jsonl", jsonl({"instruction": "Hi", "output": "Yo"})))
     assert fmt == "instruction"
     assert records == [{"instruction": "Hi", "input": "", "output": "Yo", "_line": 1}]
 
-    records, fmt = load_records(write(tmp_path, "c.jsonl", jsonl(CHAT)))
-    assert fmt == "chat" and records[0]["messages"] == CHAT["messages"]
+    records, fmt = load_records(write_file(tmp_path, "c.jsonl", jsonl(CHAT_RECORD)))
+    assert fmt == "chat" and records[0]["messages"] == CHAT_RECORD["messages"]
 
 
 def test_csv_formats(tmp_path):
-    path = write(tmp_path, "a.csv", 'instruction,input,output\nAdd,"1, 2",3\n\n"Say\nhi",,hi\n')
+    path = write_file(tmp_path, "a.csv", 'instruction,input,output\nAdd,"1, 2",3\n\n"Say\nhi",,hi\n')
     records, fmt = load_records(path)
     assert fmt == "instruction"
     assert [(r["instruction"], r["input"], r["output"], r["_line"]) for r in records] == [
@@ -63,16 +42,16 @@ def test_csv_formats(tmp_path):
         ("Say\nhi", "", "hi", 4),
     ]
 
-    records, fmt = load_records(write(tmp_path, "b.csv", "text\nfirst doc\nsecond doc\n"))
+    records, fmt = load_records(write_file(tmp_path, "b.csv", "text\nfirst doc\nsecond doc\n"))
     assert fmt == "text" and [r["text"] for r in records] == ["first doc", "second doc"]
 
-    cell = json.dumps(CHAT["messages"]).replace('"', '""')
-    records, fmt = load_records(write(tmp_path, "c.csv", f'messages\n"{cell}"\n'))
-    assert fmt == "chat" and records[0]["messages"] == CHAT["messages"]
+    cell = json.dumps(CHAT_RECORD["messages"]).replace('"', '""')
+    records, fmt = load_records(write_file(tmp_path, "c.csv", f'messages\n"{cell}"\n'))
+    assert fmt == "chat" and records[0]["messages"] == CHAT_RECORD["messages"]
 
 
 def test_txt_splits_documents_on_blank_lines(tmp_path):
-    path = write(tmp_path, "a.txt", "First line\nstill first\n\n\nSecond doc\n   \nThird\n")
+    path = write_file(tmp_path, "a.txt", "First line\nstill first\n\n\nSecond doc\n   \nThird\n")
     records, fmt = load_records(path)
     assert fmt == "text"
     assert [(r["text"], r["_line"]) for r in records] == [
@@ -83,7 +62,7 @@ def test_txt_splits_documents_on_blank_lines(tmp_path):
 
 
 def test_explicit_format_overrides_detection(tmp_path):
-    path = write(tmp_path, "a.jsonl", jsonl({"text": "x", "instruction": "Do", "output": "it"}))
+    path = write_file(tmp_path, "a.jsonl", jsonl({"text": "x", "instruction": "Do", "output": "it"}))
     assert load_records(path, "text")[1] == "text"
     assert load_records(path)[1] == "instruction"
 
@@ -96,28 +75,28 @@ def test_explicit_format_overrides_detection(tmp_path):
         (jsonl({"instruction": "a", "output": "b"}, {"instruction": "a"}), None, "missing field 'output'"),
         (jsonl({"instruction": "a", "output": "b"}, {"instruction": "a", "output": 5}), None, "'output' must be a string"),
         (jsonl({"instruction": "a", "output": "b"}, {"instruction": "a", "output": "  "}), None, "'output' is empty"),
-        (jsonl(CHAT, {"messages": [{"role": "bot", "content": "x"}]}), None, "unknown role 'bot'"),
-        (jsonl(CHAT, {"messages": [{"role": "user", "content": "x"}]}), None, "no assistant message"),
-        (jsonl(CHAT, {"messages": "hi"}), None, "non-empty list"),
-        (jsonl(CHAT, {"messages": [{"role": "assistant", "content": ""}]}), None, "'content' is empty"),
+        (jsonl(CHAT_RECORD, {"messages": [{"role": "bot", "content": "x"}]}), None, "unknown role 'bot'"),
+        (jsonl(CHAT_RECORD, {"messages": [{"role": "user", "content": "x"}]}), None, "no assistant message"),
+        (jsonl(CHAT_RECORD, {"messages": "hi"}), None, "non-empty list"),
+        (jsonl(CHAT_RECORD, {"messages": [{"role": "assistant", "content": ""}]}), None, "'content' is empty"),
         (jsonl({"text": "a"}, {"prompt": "b"}), "text", "missing field 'text'"),
     ],
 )
 def test_jsonl_errors_name_file_and_line(tmp_path, content, fmt, problem):
-    path = write(tmp_path, "bad.jsonl", content)
+    path = write_file(tmp_path, "bad.jsonl", content)
     with pytest.raises(LorakitError, match=r"bad\.jsonl:2") as info:
         load_records(path, fmt)
     assert problem in str(info.value)
 
 
 def test_csv_error_names_line(tmp_path):
-    path = write(tmp_path, "bad.csv", "instruction,output\na,b\n\nc,\n")
+    path = write_file(tmp_path, "bad.csv", "instruction,output\na,b\n\nc,\n")
     with pytest.raises(LorakitError, match=r"bad\.csv:4: field 'output' is empty"):
         load_records(path)
 
 
 def test_undetectable_format_names_line(tmp_path):
-    path = write(tmp_path, "bad.jsonl", "\n" + jsonl({"prompt": "x"}))
+    path = write_file(tmp_path, "bad.jsonl", "\n" + jsonl({"prompt": "x"}))
     with pytest.raises(LorakitError, match=r"bad\.jsonl:2: cannot detect the data format"):
         load_records(path)
 
@@ -126,13 +105,13 @@ def test_file_errors(tmp_path):
     with pytest.raises(LorakitError, match="not found"):
         load_records(tmp_path / "missing.jsonl")
     with pytest.raises(LorakitError, match="unsupported file extension"):
-        load_records(write(tmp_path, "data.parquet", ""))
+        load_records(write_file(tmp_path, "data.parquet", ""))
     with pytest.raises(LorakitError, match="no records"):
-        load_records(write(tmp_path, "empty.jsonl", "\n\n"))
+        load_records(write_file(tmp_path, "empty.jsonl", "\n\n"))
     with pytest.raises(LorakitError, match="Unknown data format"):
-        load_records(write(tmp_path, "a.jsonl", jsonl({"text": "x"})), "alpaca")
+        load_records(write_file(tmp_path, "a.jsonl", jsonl({"text": "x"})), "alpaca")
     with pytest.raises(LorakitError, match="format is 'text'"):
-        load_records(write(tmp_path, "a.txt", "x\n"), "chat")
+        load_records(write_file(tmp_path, "a.txt", "x\n"), "chat")
 
 
 def test_split_heldout_is_deterministic():

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import copy
-import json
-from pathlib import Path
 
 import pytest
+from conftest import CHAT_RECORD, INSTRUCTION_RECORD, jsonl, write_file
 
 from lorakit.core.errors import LorakitError
 from lorakit.training.data.records import load_records
@@ -14,30 +13,10 @@ from lorakit.training.data.tokenize import tokenize_records
 from lorakit.training.loss import IGNORE_INDEX
 
 
-def write(tmp_path: Path, name: str, text: str) -> Path:
-    path = tmp_path / name
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def jsonl(*rows: object) -> str:
-    return "".join(json.dumps(row) + "\n" for row in rows)
-
-
 def trained_text(tokenizer, example: dict) -> str:
     return tokenizer.decode([t for t in example["labels"] if t != IGNORE_INDEX])
 
 
-INSTRUCTION = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
-CHAT = {
-    "messages": [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Capital of France?"},
-        {"role": "assistant", "content": "Paris"},
-        {"role": "user", "content": "And of Italy?"},
-        {"role": "assistant", "content": "Rome"},
-    ]
-}
 
 
 @pytest.fixture
@@ -53,7 +32,7 @@ def plain_tokenizer(smollm_tokenizer_without_template):
 
 
 def test_instruction_masks_all_but_response(tokenizer):
-    record = dict(INSTRUCTION)
+    record = dict(INSTRUCTION_RECORD)
     [example] = tokenize_records([record], tokenizer, "instruction", 256)
     assert len(example["input_ids"]) == len(example["labels"])
     assert trained_text(tokenizer, example) == "5<|im_end|>\n"
@@ -68,35 +47,35 @@ def test_instruction_masks_all_but_response(tokenizer):
 
 
 def test_chat_trains_every_assistant_turn(tokenizer):
-    [example] = tokenize_records([CHAT], tokenizer, "chat", 256)
+    [example] = tokenize_records([CHAT_RECORD], tokenizer, "chat", 256)
     assert trained_text(tokenizer, example) == "Paris<|im_end|>\nRome<|im_end|>\n"
-    full = tokenizer.apply_chat_template(CHAT["messages"], tokenize=False)
+    full = tokenizer.apply_chat_template(CHAT_RECORD["messages"], tokenize=False)
     assert tokenizer.decode(example["input_ids"]) == full
 
 
 def test_chat_drops_turns_after_last_assistant(tokenizer):
-    record = {"messages": CHAT["messages"] + [{"role": "user", "content": "Thanks"}]}
+    record = {"messages": CHAT_RECORD["messages"] + [{"role": "user", "content": "Thanks"}]}
     [a] = tokenize_records([record], tokenizer, "chat", 256)
-    [b] = tokenize_records([CHAT], tokenizer, "chat", 256)
+    [b] = tokenize_records([CHAT_RECORD], tokenizer, "chat", 256)
     assert a == b
 
 
 def test_train_on_prompt_labels_everything(tokenizer):
-    [example] = tokenize_records([INSTRUCTION], tokenizer, "instruction", 256, train_on_prompt=True)
+    [example] = tokenize_records([INSTRUCTION_RECORD], tokenizer, "instruction", 256, train_on_prompt=True)
     assert example["labels"] == example["input_ids"]
 
 
 def test_fallback_template_without_chat_template(plain_tokenizer):
-    [example] = tokenize_records([INSTRUCTION], plain_tokenizer, "instruction", 256)
+    [example] = tokenize_records([INSTRUCTION_RECORD], plain_tokenizer, "instruction", 256)
     text = plain_tokenizer.decode(example["input_ids"])
     assert text == "### Instruction:\nAdd the numbers.\n\n### Input:\n2 and 3\n\n### Response:\n5<|im_end|>"
     assert trained_text(plain_tokenizer, example) == "5<|im_end|>"
 
-    no_input = {**INSTRUCTION, "input": ""}
+    no_input = {**INSTRUCTION_RECORD, "input": ""}
     [example] = tokenize_records([no_input], plain_tokenizer, "instruction", 256)
     assert "### Input" not in plain_tokenizer.decode(example["input_ids"])
 
-    [example] = tokenize_records([CHAT], plain_tokenizer, "chat", 256)
+    [example] = tokenize_records([CHAT_RECORD], plain_tokenizer, "chat", 256)
     assert trained_text(plain_tokenizer, example) == "Paris<|im_end|>Rome<|im_end|>"
     assert plain_tokenizer.decode(example["input_ids"]).startswith("Be brief.\n\n### Instruction:\nCapital of France?")
 
@@ -112,12 +91,12 @@ def test_text_documents_are_chunked_not_truncated(tokenizer):
 
 def test_too_long_sample_names_file_line(tokenizer, tmp_path):
     long = {"instruction": "Repeat.", "output": "la " * 100}
-    path = write(tmp_path, "long.jsonl", jsonl(INSTRUCTION, long))
+    path = write_file(tmp_path, "long.jsonl", jsonl(INSTRUCTION_RECORD, long))
     records, fmt = load_records(path)
     with pytest.raises(LorakitError, match=r"long\.jsonl:2: .*max_seq_len=64.*--max-seq-len.*--truncate"):
         tokenize_records(records, tokenizer, fmt, 64, source=path)
     with pytest.raises(LorakitError, match="record 2"):
-        tokenize_records([INSTRUCTION, long], tokenizer, fmt, 64)
+        tokenize_records([INSTRUCTION_RECORD, long], tokenizer, fmt, 64)
 
 
 def test_truncate_cuts_the_end(tokenizer):
@@ -128,12 +107,12 @@ def test_truncate_cuts_the_end(tokenizer):
 
 
 def test_truncate_drops_samples_with_no_response_left(tokenizer):
-    examples = tokenize_records([INSTRUCTION], tokenizer, "instruction", 10, truncate=True)
+    examples = tokenize_records([INSTRUCTION_RECORD], tokenizer, "instruction", 10, truncate=True)
     assert examples == []
 
 
 def test_chat_template_problems_name_the_record(tokenizer, tmp_path):
-    path = write(tmp_path, "chat.jsonl", jsonl(CHAT, CHAT))
+    path = write_file(tmp_path, "chat.jsonl", jsonl(CHAT_RECORD, CHAT_RECORD))
     records, fmt = load_records(path)
     strict = copy.deepcopy(tokenizer)
     strict.chat_template = "{{ raise_exception('roles must alternate') }}"

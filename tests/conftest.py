@@ -45,6 +45,33 @@ def randomize_lora(model, seed: int = 1, scale: float = 0.1) -> None:
             param.copy_(torch.randn(param.shape, generator=g) * scale)
 
 
+# One record of each kind the data pipeline reads (lorakit.training.data), shared by its tests.
+INSTRUCTION_RECORD = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
+CHAT_RECORD = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris"},
+        {"role": "user", "content": "And of Italy?"},
+        {"role": "assistant", "content": "Rome"},
+    ]
+}
+
+
+def write_file(directory, name: str, text: str):
+    """Write `text` (UTF-8) to directory/name and return the path."""
+    path = directory / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def jsonl(*rows: object) -> str:
+    """Rows as JSON Lines."""
+    import json
+
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
 def input_ids(batch: int = 2, seq: int = 12, vocab: int = 96, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
@@ -66,19 +93,39 @@ def smollm_tokenizer():
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, smollm_tokenizer):
-    """A 2-layer random Llama with SmolLM2's vocabulary and tokenizer, saved as a HF directory."""
+def smollm_tokenizer_without_template(smollm_tokenizer):
+    """The same tokenizer without a chat template, to exercise the Alpaca-style fallback."""
+    import copy
+
+    plain = copy.deepcopy(smollm_tokenizer)
+    plain.chat_template = None
+    return plain
+
+
+def save_tiny_llama(directory, tokenizer, hidden_size: int):
+    """A 2-layer random Llama (seed 0) with `tokenizer`'s vocabulary, saved with it as a HF directory."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    tok = smollm_tokenizer
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    directory = tmp_path_factory.mktemp("tiny-llama")
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id)
     LlamaForCausalLM(cfg).save_pretrained(directory)
-    tok.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm_tokenizer):
+    """A 2-layer random Llama with SmolLM2's vocabulary and tokenizer, saved as a HF directory."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm_tokenizer, hidden_size=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir64(tmp_path_factory, smollm_tokenizer):
+    """tiny_model_dir's model, 64 wide (NF4 blocks fit its rows on the CPU)."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-64"), smollm_tokenizer, hidden_size=64)
 
 
 @pytest.fixture(scope="session")

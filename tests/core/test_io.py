@@ -167,6 +167,23 @@ def test_missing_files_and_unsupported_peft_feature(tmp_path):
     _load_fails(d, match="lora_bias")
 
 
-def test_save_is_atomic_no_temp_files_left(tmp_path):
+def test_interrupted_save_keeps_the_old_adapter(tmp_path, monkeypatch):
+    """A save stopped after writing but before its rename (here: the rename fails) leaves the old files whole."""
+    import os
+
     d = _saved(tmp_path)
-    assert not [p for p in d.iterdir() if p.name.startswith(".")]
+    files = {p.name: p.read_bytes() for p in d.iterdir()}
+    expected = logits(lorakit.load_adapter(tiny_llama(), d), input_ids())
+    model = tiny_llama()
+    lorakit.apply(model, LoraConfig(r=4, target_modules=["q_proj"]))
+    randomize_lora(model, seed=7)  # other values: a write in place would change the file
+
+    def rename_fails(src, dst):
+        raise OSError("interrupted before the rename")
+
+    monkeypatch.setattr(os, "replace", rename_fails)
+    with pytest.raises(OSError, match="interrupted"):
+        lorakit.save_adapter(model, d)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == files, "the old files are intact, no temp file is left"
+    torch.testing.assert_close(logits(lorakit.load_adapter(tiny_llama(), d), input_ids()), expected, atol=0, rtol=0)

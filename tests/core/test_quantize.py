@@ -159,26 +159,12 @@ def test_quantize_errors():
 
 
 # ---- the command line ---------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def model_dir64(tmp_path_factory, smollm_tokenizer):
-    """tiny_model_dir's model, 64 wide (NF4 blocks fit its rows on the CPU)."""
-    tok = smollm_tokenizer
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    directory = tmp_path_factory.mktemp("tiny-llama-64")
-    LlamaForCausalLM(cfg).save_pretrained(directory)
-    tok.save_pretrained(directory)
-    return directory
-
-
 FAST = ["--eval-samples", "2", "--max-new-tokens", "4", "--warmup-steps", "1", "--batch-size", "4", "--r", "4"]
 
 
-def test_cli_train_resume_eval_merge_on_nf4_base(model_dir64, task_files, tmp_path, capsys):
+def test_cli_train_resume_eval_merge_on_nf4_base(tiny_model_dir64, task_files, tmp_path, capsys):
     train, _ = task_files
-    common = ["train", "--model", str(model_dir64), "--data", str(train), "--quantize", "nf4", *FAST,
+    common = ["train", "--model", str(tiny_model_dir64), "--data", str(train), "--quantize", "nf4", *FAST,
               "--max-steps", "4", "--save-every", "2", "--gradient-checkpointing"]
     run = tmp_path / "run"
     assert main([*common, "--output", str(run)]) == 0
@@ -193,26 +179,26 @@ def test_cli_train_resume_eval_merge_on_nf4_base(model_dir64, task_files, tmp_pa
     assert any(t.abs().sum() > 0 for k, t in a.items() if "lora_B" in k)
 
     adapter = str(run / "adapter")
-    assert main(["eval", "--model", str(model_dir64), "--adapter", adapter, "--quantize", "nf4",
+    assert main(["eval", "--model", str(tiny_model_dir64), "--adapter", adapter, "--quantize", "nf4",
                  "--eval-samples", "2", "--max-new-tokens", "4"]) == 0
     assert "exact_match" in capsys.readouterr().out
-    assert main(["generate", "--model", str(model_dir64), "--adapter", adapter, "--quantize", "nf4",
+    assert main(["generate", "--model", str(tiny_model_dir64), "--adapter", adapter, "--quantize", "nf4",
                  "--prompt", "hi", "--max-new-tokens", "4"]) == 0
 
     # merge onto the base as training saw it (NF4, dequantized), written in fp32
-    assert main(["merge", "--model", str(model_dir64), "--adapter", adapter, "--quantize", "nf4",
+    assert main(["merge", "--model", str(tiny_model_dir64), "--adapter", adapter, "--quantize", "nf4",
                  "--output", str(tmp_path / "merged")]) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
-    base = quantize_model(AutoModelForCausalLM.from_pretrained(model_dir64), "nf4", torch.float32)
+    base = quantize_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir64), "nf4", torch.float32)
     lorakit.load_adapter(base, adapter)
     ids = input_ids(seq=16, vocab=1000)
     assert torch.allclose(logits(merged, ids), logits(base.eval(), ids), atol=1e-4, rtol=1e-4)
 
 
-def test_bench_lorakit_configuration_on_nf4_base(model_dir64):
+def test_bench_lorakit_configuration_on_nf4_base(tiny_model_dir64):
     from lorakit.tools.bench import BenchTrainConfig, run_one
 
-    common = dict(model=str(model_dir64), batch_size=1, seq_len=16, steps=1, warmup=0, device="cpu")
+    common = dict(model=str(tiny_model_dir64), batch_size=1, seq_len=16, steps=1, warmup=0, device="cpu")
     plain = run_one("lorakit", BenchTrainConfig(**common))
     nf4 = run_one("lorakit", BenchTrainConfig(**common, quantize="nf4"))
     assert 0 < nf4["model_bytes"] < plain["model_bytes"]

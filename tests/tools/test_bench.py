@@ -9,8 +9,9 @@ import json
 import pytest
 import torch
 
-from lorakit import LorakitError
+from lorakit import LorakitError, LoraLayer
 from lorakit.cli.main import main
+from lorakit.core.layers import is_quantized
 from lorakit.tools.bench import (
     BenchInferConfig,
     BenchTrainConfig,
@@ -59,10 +60,24 @@ def test_each_configuration_trains_what_it_should(tiny_model_dir, name):
         assert all("lora_" in k for k in changed)
 
 
-def test_bench_dora_and_nf4_configurations_build(tiny_model_dir):
-    step, model = _step_function("lorakit", _cfg(tiny_model_dir, method="dora"), torch.device("cpu"))
+def _trains_b(step, model) -> bool:
+    before = {k: v.detach().clone() for k, v in model.named_parameters() if "lora_B" in k}
     step()
-    assert any("lora_magnitude_vector" in k for k, _ in model.named_parameters())
+    return bool(before) and all(not torch.equal(v, before[k]) for k, v in model.named_parameters() if k in before)
+
+
+def test_bench_dora_and_nf4_configurations_build(tiny_model_dir64):
+    dora_step, dora = _step_function("lorakit", _cfg(tiny_model_dir64, method="dora"), torch.device("cpu"))
+    assert any("lora_magnitude_vector" in k for k, _ in dora.named_parameters())
+    assert _trains_b(dora_step, dora)
+
+    nf4_step, nf4 = _step_function("lorakit", _cfg(tiny_model_dir64, quantize="nf4"), torch.device("cpu"))
+    bases = [m.base_layer for m in nf4.modules() if isinstance(m, LoraLayer)]
+    assert len(bases) == 6 and all(is_quantized(b) for b in bases)
+    assert _trains_b(nf4_step, nf4)
+
+    with pytest.raises(LorakitError, match="DoRA needs the dense base weight"):
+        _step_function("lorakit", _cfg(tiny_model_dir64, method="dora", quantize="nf4"), torch.device("cpu"))
 
 
 def test_bench_infer_reports_all_rows(tiny_model_dir):

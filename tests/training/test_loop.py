@@ -28,7 +28,7 @@ def test_run_directory_and_report(tiny_model_dir, task_files, tmp_path):
     train, evals = task_files
     out = tmp_path / "run"
     assert main(train_args(tiny_model_dir, train, out, "--eval-data", str(evals), "--max-steps", "3",
-                           "--batch-size", "4", "--eval-every", "2", "--r", "4")) == 0
+                           "--batch-size", "4", "--eval-every", "2", "--r", "4", "--lr", "1e-2")) == 0
     for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "config.yaml",
                  "metrics.jsonl", "loss.png", "report.md", "summary.json"):
         assert (out / name).is_file(), name
@@ -40,7 +40,18 @@ def test_run_directory_and_report(tiny_model_dir, task_files, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["before"]["probe_perplexity"] > 0 and summary["after"]["exact_match"] is not None
     assert json.loads((out / "adapter/adapter_config.json").read_text())["r"] == 4
-    assert any(t.abs().sum() > 0 for k, t in adapter_tensors(out).items() if "lora_B" in k)
+    # it learned: the training and held-out losses fell, and the saved adapter (B != 0) changes the logits
+    assert rows[-1]["loss"] < rows[0]["loss"] and summary["after"]["loss"] < summary["before"]["loss"] - 0.05
+    assert all(t.abs().sum() > 0 for k, t in adapter_tensors(out).items() if "lora_B" in k)
+    from transformers import AutoModelForCausalLM
+
+    import lorakit
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = torch.randint(0, 1000, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = model(ids).logits
+        assert (lorakit.load_adapter(model, out / "adapter")(ids).logits - base).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("fmt", ["text", "chat", "csv"])

@@ -7,7 +7,9 @@ import re
 import pytest
 
 from lorakit.core.errors import LorakitError
-from lorakit.training.data import prompts_and_references, tokenize_records
+from lorakit.training.data.render import prompts_and_references
+from lorakit.training.data.tokenize import tokenize_records
+from lorakit.training.loss import IGNORE_INDEX
 from lorakit.training.tasks import (
     INSTRUCTION,
     MONTHS,
@@ -78,7 +80,7 @@ def test_builtin_task_fits_96_tokens(tokenizer, task):
     train, held = task
     examples = tokenize_records(train + held, tokenizer, "instruction", max_seq_len=96)
     assert len(examples) == len(train) + len(held)  # would raise if any sample exceeded 96
-    response = [sum(label != -100 for label in e["labels"]) for e in examples]
+    response = [sum(label != IGNORE_INDEX for label in e["labels"]) for e in examples]
     assert max(response) <= 32
     [(prompt, reference)] = prompts_and_references(held[:1], tokenizer, "instruction")
     assert prompt.endswith("<|im_start|>assistant\n") and reference == held[0]["output"]

@@ -20,82 +20,9 @@ from lorakit.tools.plan import PlanConfig, run_plan
 from lorakit.tools.rank import RankConfig, run_rank
 from lorakit.tools.sweep import SweepConfig, run_sweep
 from lorakit.training.config import TrainConfig
+from lorakit.training.evaluate import EvalConfig, run_eval
+from lorakit.training.loading import load_with_adapter
 from lorakit.training.loop import train
-
-
-def _base_model_for(model: str | None, adapter: str | None) -> str | None:
-    """--model, else the base model recorded in the adapter's config, else the embedded default."""
-    if model or not adapter:
-        return model
-    from lorakit.methods.combine import base_model_of
-
-    return base_model_of(adapter)
-
-
-def _load(model: str | None, adapter: str | None, device: str | None, precision: str = "auto",
-          quantize: str = "none"):
-    """The base model (in the compute dtype, quantized if asked) with the adapter (any method, or several)
-    applied, and its tokenizer."""
-    from lorakit.core.quantize import quantize_model
-    from lorakit.methods.combine import load as load_adapter
-    from lorakit.training.models import compute_dtype, load_model
-
-    loaded = load_model(_base_model_for(model, adapter), device=device)
-    dtype = compute_dtype(precision, loaded.model.device)
-    loaded.model.to(dtype)
-    quantize_model(loaded.model, quantize, dtype)
-    if adapter:
-        load_adapter(loaded.model, adapter)
-    return loaded
-
-
-# ---- eval -------------------------------------------------------------------------------------------
-@dataclass
-class EvalConfig:
-    data: str | None = None
-    """Evaluation data (.jsonl/.csv/.txt); omitted: the built-in task's held-out set."""
-    model: str | None = None
-    """Base model; omitted: the adapter's recorded base, else the embedded default."""
-    adapter: str | None = None
-    """Adapter directory (PEFT format) to evaluate on top of the base."""
-    format: Literal["auto", "text", "instruction", "chat"] = "auto"
-    """Data format."""
-    max_seq_len: int = 512
-    """Longest sample in tokens."""
-    eval_samples: int = 100
-    """Samples for greedy-generation exact match."""
-    max_new_tokens: int = 48
-    """Generation length."""
-    json: bool = False
-    """Print a JSON object instead of a table."""
-    device: str | None = None
-    """cpu, cuda ..."""
-    quantize: Literal["none", "nf4", "int8"] = "none"
-    """Hold the base's block linears in 4-bit NF4 or int8, as a QLoRA adapter was trained."""
-
-
-def run_eval(cfg: EvalConfig) -> dict:
-    """Loss and perplexity; for instruction/chat data also greedy generation exact match."""
-    from lorakit.training.data import load_records, tokenize_records
-    from lorakit.training.loop import Datasets
-    from lorakit.training.report import measure
-    from lorakit.training.tasks import builtin_task
-
-    loaded = _load(cfg.model, cfg.adapter, cfg.device, quantize=cfg.quantize)
-    if cfg.data is None:
-        _, records = builtin_task(n_eval=cfg.eval_samples)
-        fmt = "instruction"
-    else:
-        records, fmt = load_records(cfg.data, None if cfg.format == "auto" else cfg.format)
-    examples = tokenize_records(records, loaded.tokenizer, fmt, cfg.max_seq_len, truncate=True, source=cfg.data)
-    result = measure(loaded.model, loaded.tokenizer, Datasets(fmt, [], examples, records), cfg, loaded.model.device)
-    out = {k: v for k, v in result.to_dict().items() if k != "samples"}
-    if cfg.json:
-        print(json.dumps(out, indent=2))
-    else:
-        for key, value in out.items():
-            print(f"{key:<18} {value}")
-    return out
 
 
 # ---- generate / chat --------------------------------------------------------------------------------
@@ -140,7 +67,7 @@ def _reply(loaded, messages_or_text, cfg) -> str:
 
 def run_generate(cfg: GenerateConfig) -> str:
     """Generate one reply from the base model or base + adapter."""
-    loaded = _load(cfg.model, cfg.adapter, cfg.device, quantize=cfg.quantize)
+    loaded = load_with_adapter(cfg.model, cfg.adapter, cfg.device, quantize=cfg.quantize)
     prompt = cfg.prompt if cfg.prompt is not None else sys.stdin.read()
     reply = _reply(loaded, prompt if cfg.raw else [{"role": "user", "content": prompt}], cfg)
     print(reply)
@@ -149,7 +76,7 @@ def run_generate(cfg: GenerateConfig) -> str:
 
 def run_chat(cfg: GenerateConfig) -> None:
     """An interactive chat (empty line or Ctrl-D ends it)."""
-    loaded = _load(cfg.model, cfg.adapter, cfg.device, quantize=cfg.quantize)
+    loaded = load_with_adapter(cfg.model, cfg.adapter, cfg.device, quantize=cfg.quantize)
     messages: list[dict] = []
     print("lorakit chat: empty line or Ctrl-D to quit")
     while True:
@@ -188,11 +115,12 @@ def run_merge(cfg: MergeConfig) -> Path:
     from lorakit.core.quantize import quantize_model
     from lorakit.methods.combine import load as load_adapter
     from lorakit.methods.combine import merge_and_unload
+    from lorakit.training.loading import base_model_for
     from lorakit.training.models import compute_dtype, load_model
 
     if not cfg.adapter or not cfg.output:
         raise LorakitError("lorakit merge needs --adapter DIR and --output DIR.")
-    loaded = load_model(_base_model_for(cfg.model, cfg.adapter))
+    loaded = load_model(base_model_for(cfg.model, cfg.adapter))
     model = loaded.model  # merge in fp32, then cast: no rounding of the update into bf16 before the sum
     quantize_model(model, cfg.quantize, torch.float32)  # merge_and_unload dequantizes it to fp32
     load_adapter(model, cfg.adapter)

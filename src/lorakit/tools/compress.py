@@ -160,38 +160,27 @@ def evaluate_adapters(adapters: dict[str, str | Path], cfg: CompressConfig) -> d
         cfg: the evaluation settings (eval_data, model, eval_samples, max_new_tokens, max_seq_len, device).
 
     Returns:
-        {label: {"loss", "perplexity", "exact_match" (None for plain text)}}.
+        {label: {"loss", "perplexity", "exact_match" (None for plain text)}}, measured by
+        `lorakit.training.evaluate.evaluate` (without the forgetting probe).
     """
     from lorakit.core.active import set_adapter
     from lorakit.core.io import load_adapter, read_adapter_config
-    from lorakit.training.data import (
-        load_records,
-        prompts_and_references,
-        tokenize_records,
-    )
-    from lorakit.training.evaluate import exact_match_rate, generate, mean_loss
+    from lorakit.training.data.sets import load_eval_set
+    from lorakit.training.evaluate import evaluate
     from lorakit.training.models import compute_dtype, load_model
-    from lorakit.training.tasks import builtin_task
 
     first = next(iter(adapters.values()))
     loaded = load_model(cfg.model or read_adapter_config(first).base_model_name_or_path, device=cfg.device)
     model, tokenizer = loaded.model, loaded.tokenizer
     model.to(compute_dtype("auto", model.device))
-    if cfg.eval_data == "builtin":
-        _, records = builtin_task(n_eval=cfg.eval_samples)
-        fmt = "instruction"
-    else:
-        records, fmt = load_records(cfg.eval_data)
-    examples = tokenize_records(records, tokenizer, fmt, cfg.max_seq_len, truncate=True, source=cfg.eval_data)
-    pairs = prompts_and_references(records[:cfg.eval_samples], tokenizer, fmt) if fmt in ("instruction", "chat") else []
+    path = None if cfg.eval_data == "builtin" else cfg.eval_data
+    data = load_eval_set(path, tokenizer, max_seq_len=cfg.max_seq_len, builtin_samples=cfg.eval_samples)
     results = {}
     for label, directory in adapters.items():
         load_adapter(model, directory, adapter_name=label)
         set_adapter(model, label)
-        loss = mean_loss(model, examples, tokenizer.pad_token_id, model.device)
-        predictions = generate(model, tokenizer, [p for p, _ in pairs], model.device, cfg.max_new_tokens) if pairs else []
-        results[label] = {"loss": loss, "perplexity": math.exp(loss),
-                          "exact_match": exact_match_rate(predictions, [r for _, r in pairs]) if pairs else None}
+        result = evaluate(model, tokenizer, data, model.device, cfg.eval_samples, cfg.max_new_tokens, probe=False)
+        results[label] = {"loss": result.loss, "perplexity": result.perplexity, "exact_match": result.exact_match}
     return results
 
 

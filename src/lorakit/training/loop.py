@@ -1,6 +1,7 @@
 """`lorakit train`: one readable LoRA training loop, on CPU or GPU, alone or under torchrun.
 
-    load model -> load data -> measure before -> apply LoRA -> train (checkpoints) -> measure after -> report
+    setup_run (model, data) -> measure (before) -> build_trainer (methods, optimizer) -> resume
+    -> train_step x N (maybe_evaluate, maybe_checkpoint) -> finish (adapter, measure after, report)
 
 Run directory: adapter/ (PEFT format), checkpoints/, config.yaml, metrics.jsonl, loss.png, report.md.
 """
@@ -11,80 +12,31 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
+from lorakit.core.adapters import Summary, summary
 from lorakit.core.errors import LorakitError
+from lorakit.core.fsutil import atomic_directory
+from lorakit.core.quantize import quantize_model
+from lorakit.methods.combine import apply_methods, save_methods
+from lorakit.methods.registry import make_methods
+from lorakit.training.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from lorakit.training.config import TrainConfig
-from lorakit.training.models import compute_dtype
-
-
-# ---- data -------------------------------------------------------------------------------------------
-@dataclass
-class Datasets:
-    format: str
-    train: list[dict]           # tokenized: input_ids, labels
-    eval: list[dict]
-    eval_records: list[dict]    # raw, for generation exact match
-
-
-def load_datasets(cfg: TrainConfig, tokenizer) -> Datasets:
-    from lorakit.training.data import (
-        load_records,
-        pack,
-        split_heldout,
-        tokenize_records,
-    )
-    from lorakit.training.tasks import builtin_task
-
-    fmt = None if cfg.format == "auto" else cfg.format
-    if cfg.data is None:
-        train_records, eval_records = builtin_task(n_train=cfg.task_size, n_eval=cfg.eval_samples, seed=0)
-        fmt = "instruction"
-    else:
-        train_records, fmt = load_records(cfg.data, fmt)
-        if cfg.eval_data:
-            eval_records, _ = load_records(cfg.eval_data, fmt)
-        else:
-            train_records, eval_records = split_heldout(train_records, cfg.eval_fraction, seed=cfg.seed)
-    tok = dict(tokenizer=tokenizer, format=fmt, max_seq_len=cfg.max_seq_len, truncate=cfg.truncate,
-               train_on_prompt=cfg.train_on_prompt)
-    train = tokenize_records(train_records, source=cfg.data, **tok)
-    evals = tokenize_records(eval_records, source=cfg.eval_data or cfg.data, **tok)
-    if cfg.packing:
-        train = pack(train, cfg.max_seq_len)
-    if not train:
-        raise LorakitError(f"{cfg.data}: no training samples left after the held-out split; add data.")
-    return Datasets(fmt, train, evals, eval_records)
-
-
-class BatchPlan:
-    """Which samples each (step, micro-batch, rank) gets: a deterministic function of the seed, so a
-    resumed run sees exactly the batches an uninterrupted one would.
-
-    The sample stream is epoch 0's permutation, then epoch 1's, ...; step s uses the next
-    global_batch = batch_size x world_size x grad_accum samples, rank k a contiguous slice of each micro-batch.
-    """
-
-    def __init__(self, n: int, batch_size: int, world_size: int, grad_accum: int, seed: int) -> None:
-        self.n, self.b, self.w, self.accum, self.seed = n, batch_size, world_size, grad_accum, seed
-        self._perms: dict[int, torch.Tensor] = {}
-
-    @property
-    def global_batch(self) -> int:
-        return self.b * self.w * self.accum
-
-    def _index(self, position: int) -> int:
-        epoch, offset = divmod(position, self.n)
-        if epoch not in self._perms:
-            self._perms[epoch] = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
-        return int(self._perms[epoch][offset])
-
-    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
-        start = step * self.global_batch
-        return [[self._index(start + m * self.b * self.w + rank * self.b + i) for i in range(self.b)]
-                for m in range(self.accum)]
+from lorakit.training.data.batching import BatchPlan, collate
+from lorakit.training.data.sets import Datasets, load_datasets
+from lorakit.training.distributed import World, close_world, init_world, main_first
+from lorakit.training.evaluate import EvalResult, evaluate, mean_loss
+from lorakit.training.loss import IGNORE_INDEX, loss_sum
+from lorakit.training.models import compute_dtype, load_model
+from lorakit.training.report import MetricsLog, write_run_report
 
 
 # ---- optimization -----------------------------------------------------------------------------------
@@ -105,6 +57,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, owners: dict[str, list] |
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    """Linear warm-up over cfg.warmup_steps, then cfg.schedule's decay (cosine, linear or constant) to total_steps."""
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
 
     def factor(step: int) -> float:
@@ -128,16 +81,12 @@ class CausalLMLoss(nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask, labels):
-        from lorakit.training.loss import loss_sum
-
         total, _ = loss_sum(self.model, input_ids, attention_mask, labels)
         return total
 
 
 def save_run_adapter(methods: list, model: nn.Module, directory: Path) -> None:
-    """Write what the run's methods trained into `directory` (several: see lorakit.combine)."""
-    from lorakit.methods.combine import save_methods
-
+    """Write what the run's methods trained into `directory` (several: see lorakit.methods.combine)."""
     save_methods(methods, model, directory)
 
 
@@ -145,151 +94,239 @@ class TrainingDiverged(LorakitError):
     """The loss became NaN or Inf."""
 
 
-# ---- the run ----------------------------------------------------------------------------------------
-def train(cfg: TrainConfig) -> dict:
-    """Run a whole fine-tune as `cfg` says; returns the summary written to report.md (rank 0)."""
-    from tqdm import tqdm
+# ---- the run's state --------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """What a run loads before training: where it runs, the base model, its tokenizer, the data."""
 
+    cfg: TrainConfig
+    world: World
+    out: Path                   # the run directory
+    model: nn.Module            # the base in the compute dtype (quantized if asked); methods are applied later
+    tokenizer: Any
+    source: str                 # the base model as adapter configs record it
+    dtype: torch.dtype          # the compute dtype of the frozen base
+    data: Datasets
+    started: float              # time.perf_counter() when the run began
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+
+@dataclass
+class Trainer:
+    """What trains: the methods applied to the model, the optimizer and schedule, the batches of each step."""
+
+    methods: list
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    step_module: nn.Module      # model + loss; DistributedDataParallel over several processes
+    scaler: torch.amp.GradScaler | None   # fp16 only
+    plan: BatchPlan
+    total_steps: int
+    counts: Summary             # trainable / total parameters
+
+
+# ---- the steps --------------------------------------------------------------------------------------
+def setup_run(cfg: TrainConfig, world: World, started: float) -> Run:
+    """Load the base model (in the compute dtype, quantized if asked) and the data; write config.yaml."""
     from lorakit.cli.args import save_config
-    from lorakit.core.adapters import summary
-    from lorakit.core.fsutil import atomic_directory
-    from lorakit.core.quantize import quantize_model
-    from lorakit.methods.combine import apply_methods
-    from lorakit.methods.registry import make_methods
-    from lorakit.training import report
-    from lorakit.training.checkpoint import (
-        latest_checkpoint,
-        load_checkpoint,
-        save_checkpoint,
-    )
-    from lorakit.training.data import collate
-    from lorakit.training.distributed import close_world, init_world, main_first
-    from lorakit.training.models import load_model
 
+    torch.manual_seed(cfg.seed)
+    dtype = compute_dtype(cfg.precision, world.device)
+    with main_first(world):  # rank 0 converts and caches a GGUF model once
+        # The frozen base lives in the compute dtype (loaded so: no fp32 copy, no per-step re-cast).
+        loaded = load_model(cfg.model, device=world.device, dtype=dtype)
+    # Before the 'before' measurement, so that before and after are measured on the same (quantized) base.
+    quantize_model(loaded.model, cfg.quantize, dtype)
+    data = load_datasets(cfg, loaded.tokenizer)
+    run = Run(cfg, world, Path(cfg.output), loaded.model, loaded.tokenizer, loaded.source, dtype, data, started)
+    if world.is_main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run.out / "config.yaml")
+    return run
+
+
+def measure(run: Run) -> EvalResult | None:
+    """The model as it is now on the held-out set and the forgetting probe (rank 0; None elsewhere)."""
+    if not run.world.is_main:
+        return None
+    return evaluate(run.model, run.tokenizer, run.data.eval, run.world.device, run.cfg.eval_samples,
+                    run.cfg.max_new_tokens)
+
+
+def build_trainer(run: Run) -> Trainer:
+    """Apply the run's methods to the model, then build the optimizer, schedule and batch plan."""
+    cfg, world, model = run.cfg, run.world, run.model
+    torch.manual_seed(cfg.seed)
+    methods = make_methods(cfg)
+    owners = apply_methods(methods, model, run.source)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    counts = summary(model, print_summary=False)
+    plan = BatchPlan(len(run.data.train), cfg.batch_size, world.size, cfg.grad_accum, cfg.seed)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(run.data.train) / plan.global_batch))
+    optimizer = make_optimizer(model, cfg, owners)
+    scheduler = make_scheduler(optimizer, cfg, total_steps)
+    step_module: nn.Module = CausalLMLoss(model)
+    if world.distributed:
+        # DDP registers hooks only on parameters that require grad: only LoRA gradients are reduced.
+        step_module = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+    scaler = torch.amp.GradScaler(world.device.type) if run.dtype == torch.float16 else None
+    return Trainer(methods, optimizer, scheduler, step_module, scaler, plan, total_steps, counts)
+
+
+def resume(run: Run, trainer: Trainer) -> int:
+    """With --resume, restore the latest checkpoint; returns the step to continue from (0: a fresh start)."""
+    if not run.cfg.resume:
+        return 0
+    ckpt = latest_checkpoint(run.ckpt_dir)
+    if ckpt is None:
+        if run.world.is_main:
+            print(f"--resume: no checkpoint in {run.ckpt_dir}; starting from step 0.")
+        return 0
+    step = load_checkpoint(ckpt, run.model, trainer.optimizer, trainer.scheduler)["step"]
+    if run.world.is_main:
+        print(f"resumed from {ckpt} (step {step})")
+    return step
+
+
+def train_step(run: Run, trainer: Trainer, step: int) -> tuple[float, int]:
+    """One optimizer step on step `step`'s global batch.
+
+    Returns:
+        The token-mean loss over the global batch, and the tokens it held (all processes, padding excluded).
+
+    Raises:
+        TrainingDiverged: the loss is NaN or Inf (the weights are left as they were before the step).
+    """
+    world = run.world
+    micro = [collate([run.data.train[i] for i in idx], run.tokenizer.pad_token_id)
+             for idx in trainer.plan.micro_batches(step, world.rank)]
+    global_tokens = world.sum(sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in micro))
+    loss = world.sum(accumulate_gradients(run, trainer, micro, global_tokens)) / max(global_tokens, 1)
+    if not math.isfinite(loss):
+        good = latest_checkpoint(run.ckpt_dir)
+        raise TrainingDiverged(
+            f"the loss became {loss} at step {step + 1}; stopped before updating the weights. "
+            f"Last good checkpoint: {good or 'none'}. Lower --lr or raise --warmup-steps, then --resume."
+        )
+    update(run, trainer, step)
+    return loss, int(world.sum(sum(int(m["attention_mask"].sum()) for m in micro)))
+
+
+def accumulate_gradients(run: Run, trainer: Trainer, micro: list[dict], global_tokens: float) -> float:
+    """Forward and backward over this process's micro-batches; returns the summed loss of their tokens."""
+    world, step_module, scaler = run.world, trainer.step_module, trainer.scaler
+    local_loss = 0.0
+    for k, batch in enumerate(micro):
+        batch = {key: v.to(world.device) for key, v in batch.items()}
+        sync = k == len(micro) - 1 or not world.distributed
+        with step_module.no_sync() if not sync else contextlib.nullcontext():
+            loss = step_module(batch["input_ids"], batch["attention_mask"], batch["labels"])
+            local_loss += float(loss.detach())
+            # DDP averages gradients over ranks; scaling by world size / global tokens makes the
+            # result the exact token-mean over the global batch.
+            scaled = loss * (world.size / max(global_tokens, 1))
+            for method in trainer.methods:
+                extra = method.regularizer(run.model)
+                if extra is not None:
+                    scaled = scaled + extra / len(micro)
+            (scaler.scale(scaled) if scaler else scaled).backward()
+    return local_loss
+
+
+def update(run: Run, trainer: Trainer, step: int) -> None:
+    """Clip, step the optimizer and the schedule, clear the gradients, and let each method follow the step."""
+    optimizer, scaler = trainer.optimizer, trainer.scaler
+    if scaler:
+        scaler.unscale_(optimizer)
+    if run.cfg.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad], run.cfg.max_grad_norm)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    trainer.scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    for method in trainer.methods:
+        method.after_step(run.model, step + 1, trainer.total_steps)
+
+
+def maybe_evaluate(run: Run, trainer: Trainer, step: int) -> dict[str, float]:
+    """Every --eval-every steps but the last (rank 0): {"eval_loss": held-out loss}; else {}."""
+    n, every = step + 1, run.cfg.eval_every
+    if not (every and n % every == 0 and n < trainer.total_steps and run.world.is_main):
+        return {}
+    return {"eval_loss": mean_loss(run.model, run.data.eval.examples, run.tokenizer.pad_token_id, run.world.device)}
+
+
+def maybe_checkpoint(run: Run, trainer: Trainer, step: int, loss: float) -> None:
+    """Every --save-every steps but the last: rank 0 writes a checkpoint, the others wait for it."""
+    n, every = step + 1, run.cfg.save_every
+    if not (every and n % every == 0 and n < trainer.total_steps):
+        return
+    if run.world.is_main:
+        save_checkpoint(run.ckpt_dir, n, run.model, lambda d: save_run_adapter(trainer.methods, run.model, d),
+                        trainer.optimizer, trainer.scheduler, {"loss": loss})
+    run.world.barrier()
+
+
+def finish(run: Run, trainer: Trainer, before: EvalResult | None, tokens_per_s: float | None) -> dict:
+    """Rank 0 writes the adapter, measures the model after training and writes the report; returns its summary."""
+    result: dict = {}
+    if run.world.is_main:
+        with atomic_directory(run.out / "adapter") as tmp:
+            save_run_adapter(trainer.methods, run.model, tmp)
+        result = write_run_report(
+            run.out, run.cfg, before=before, after=measure(run), counts=trainer.counts, steps=trainer.total_steps,
+            tokens_per_s=tokens_per_s, wall_s=time.perf_counter() - run.started, world_size=run.world.size,
+        )
+    run.world.barrier()
+    return result
+
+
+# ---- the loop ---------------------------------------------------------------------------------------
+def train(cfg: TrainConfig) -> dict:
+    """Run a whole fine-tune as `cfg` says.
+
+    Args:
+        cfg: the run's settings.
+
+    Returns:
+        The summary written to summary.json (rank 0; {} on the other processes).
+
+    Raises:
+        LorakitError: a model or data problem (before training), or TrainingDiverged.
+    """
     started = time.perf_counter()
     world = init_world(cfg.device)
-    out = Path(cfg.output)
-    ckpt_dir = out / "checkpoints"
     try:
-        torch.manual_seed(cfg.seed)
-        dtype = compute_dtype(cfg.precision, world.device)
-        with main_first(world):  # rank 0 converts and caches a GGUF model once
-            # The frozen base lives in the compute dtype (loaded so: no fp32 copy, no per-step re-cast).
-            loaded = load_model(cfg.model, device=world.device, dtype=dtype)
-        model, tokenizer = loaded.model, loaded.tokenizer
-        # Before the 'before' measurement, so that before and after are measured on the same (quantized) base.
-        quantize_model(model, cfg.quantize, dtype)
-        data = load_datasets(cfg, tokenizer)
-        pad_id = tokenizer.pad_token_id
-        if world.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, out / "config.yaml")
+        run = setup_run(cfg, world, started)
+        before = measure(run)
+        trainer = build_trainer(run)
+        start_step = resume(run, trainer)
+        metrics = MetricsLog(run.out / "metrics.jsonl", enabled=world.is_main, truncate_after=start_step)
 
-        before = report.measure(model, tokenizer, data, cfg, world.device) if world.is_main else None
-
-        torch.manual_seed(cfg.seed)
-        methods = make_methods(cfg)
-        owners = apply_methods(methods, model, loaded.source)
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        counts = summary(model, print_summary=False)
-        plan = BatchPlan(len(data.train), cfg.batch_size, world.size, cfg.grad_accum, cfg.seed)
-        total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(data.train) / plan.global_batch))
-        optimizer = make_optimizer(model, cfg, owners)
-        scheduler = make_scheduler(optimizer, cfg, total_steps)
-        step_module: nn.Module = CausalLMLoss(model)
-        if world.distributed:
-            # DDP registers hooks only on parameters that require grad: only LoRA gradients are reduced.
-            step_module = nn.parallel.DistributedDataParallel(
-                step_module, device_ids=[world.device.index] if world.device.type == "cuda" else None)
-        scaler = torch.amp.GradScaler(world.device.type) if dtype == torch.float16 else None
-
-        start_step = 0
-        if cfg.resume:
-            ckpt = latest_checkpoint(ckpt_dir)
-            if ckpt is None:
-                if world.is_main:
-                    print(f"--resume: no checkpoint in {ckpt_dir}; starting from step 0.")
-            else:
-                start_step = load_checkpoint(ckpt, model, optimizer, scheduler)["step"]
-                if world.is_main:
-                    print(f"resumed from {ckpt} (step {start_step})")
-        metrics = report.MetricsLog(out / "metrics.jsonl", enabled=world.is_main, truncate_after=start_step)
-
-        model.train()
-        bar = tqdm(total=total_steps, initial=start_step, disable=not world.is_main, desc="train", dynamic_ncols=True)
+        run.model.train()
+        bar = tqdm(total=trainer.total_steps, initial=start_step, disable=not world.is_main, desc="train",
+                   dynamic_ncols=True)
         tokens_seen, train_time = 0, 0.0
-        last_loss = float("nan")
-        for step in range(start_step, total_steps):
+        for step in range(start_step, trainer.total_steps):
             t0 = time.perf_counter()
-            micro = [collate([data.train[i] for i in idx], pad_id) for idx in plan.micro_batches(step, world.rank)]
-            local_tokens = sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro)
-            global_tokens = world.sum(local_tokens)
-            local_loss = 0.0
-            for k, batch in enumerate(micro):
-                batch = {key: v.to(world.device) for key, v in batch.items()}
-                sync = k == len(micro) - 1 or not world.distributed
-                with step_module.no_sync() if not sync else contextlib.nullcontext():
-                    loss = step_module(batch["input_ids"], batch["attention_mask"], batch["labels"])
-                    local_loss += float(loss.detach())
-                    # DDP averages gradients over ranks; scaling by world size / global tokens makes the
-                    # result the exact token-mean over the global batch.
-                    scaled = loss * (world.size / max(global_tokens, 1))
-                    for method in methods:
-                        extra = method.regularizer(model)
-                        if extra is not None:
-                            scaled = scaled + extra / len(micro)
-                    (scaler.scale(scaled) if scaler else scaled).backward()
-            last_loss = world.sum(local_loss) / max(global_tokens, 1)
-            if not math.isfinite(last_loss):
-                good = latest_checkpoint(ckpt_dir)
-                raise TrainingDiverged(
-                    f"the loss became {last_loss} at step {step + 1}; stopped before updating the weights. "
-                    f"Last good checkpoint: {good or 'none'}. Lower --lr or raise --warmup-steps, then --resume."
-                )
-            if scaler:
-                scaler.unscale_(optimizer)
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            for method in methods:
-                method.after_step(model, step + 1, total_steps)
-
+            loss, tokens = train_step(run, trainer, step)
             elapsed = time.perf_counter() - t0
-            step_tokens = int(world.sum(sum(int(m["attention_mask"].sum()) for m in micro)))
-            tokens_seen += step_tokens
-            train_time += elapsed
-            record = {"step": step + 1, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
-                      "tokens_per_s": step_tokens / elapsed, "step_s": elapsed}
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total_steps and world.is_main:
-                record["eval_loss"] = report.heldout_loss(model, data, pad_id, world.device)
-            metrics.write(record)
-            bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tokens_seen / train_time:.0f}")
+            tokens_seen, train_time = tokens_seen + tokens, train_time + elapsed
+            metrics.write({"step": step + 1, "loss": loss, "lr": trainer.scheduler.get_last_lr()[0],
+                           "tokens_per_s": tokens / elapsed, "step_s": elapsed, **maybe_evaluate(run, trainer, step)})
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_seen / train_time:.0f}")
             bar.update(1)
-            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
-                if world.is_main:
-                    save_checkpoint(ckpt_dir, step + 1, model, lambda d: save_run_adapter(methods, model, d),
-                                    optimizer, scheduler, {"loss": last_loss})
-                world.barrier()
+            maybe_checkpoint(run, trainer, step, loss)
         bar.close()
 
-        result: dict = {}
-        if world.is_main:
-            with atomic_directory(out / "adapter") as tmp:
-                save_run_adapter(methods, model, tmp)
-            after = report.measure(model, tokenizer, data, cfg, world.device)
-            result = report.write_run_report(
-                out, cfg, before=before, after=after, counts=counts, steps=total_steps,
-                tokens_per_s=tokens_seen / train_time if train_time else None,
-                wall_s=time.perf_counter() - started, world_size=world.size,
-            )
-        world.barrier()
-        return result
+        return finish(run, trainer, before, tokens_seen / train_time if train_time else None)
     finally:
         close_world(world)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the label of a position with no loss (torch's cross_entropy default, HF's convention)
 # Positions whose logits exist at once. 128 x 49152 fp32 logits are 25 MB: below glibc's largest mmap
 # threshold, so the buffer is reused from the heap rather than mapped and page-faulted afresh each step
 # (1024 positions, 200 MB: ~3% slower steps and ~0.2 GB more peak memory on the default model).
@@ -76,7 +76,7 @@ def loss_sum(
     """Summed next-token cross-entropy over labelled positions, and how many there are.
 
     Args:
-        input_ids, attention_mask, labels: (batch, seq); labels are -100 where no loss applies.
+        input_ids, attention_mask, labels: (batch, seq); labels are IGNORE_INDEX where no loss applies.
         chunk_tokens: how many positions' logits exist at once (see CHUNK_TOKENS).
     """
     targets = labels[:, 1:]  # position t predicts token t + 1

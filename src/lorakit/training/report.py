@@ -2,21 +2,11 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
 from lorakit.core.fsutil import atomic_write_text
-from lorakit.training.evaluate import (
-    EvalResult,
-    exact_match_rate,
-    generate,
-    mean_loss,
-    text_perplexity,
-)
+from lorakit.training.evaluate import EvalResult
 
 
 class MetricsLog:
@@ -37,26 +27,6 @@ class MetricsLog:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-
-
-def heldout_loss(model: nn.Module, data, pad_id: int, device: torch.device) -> float:
-    return mean_loss(model, data.eval, pad_id, device)
-
-
-def measure(model: nn.Module, tokenizer: Any, data, cfg, device: torch.device) -> EvalResult:
-    """Held-out loss/perplexity, exact match (instruction/chat data) and the forgetting probe."""
-    from lorakit.training.data import prompts_and_references
-    from lorakit.training.tasks import forgetting_probe_texts
-
-    loss = heldout_loss(model, data, tokenizer.pad_token_id, device)
-    result = EvalResult(loss=loss, perplexity=math.exp(loss), n_examples=len(data.eval))
-    if data.format in ("instruction", "chat") and cfg.eval_samples > 0:
-        pairs = prompts_and_references(data.eval_records[: cfg.eval_samples], tokenizer, data.format)
-        predictions = generate(model, tokenizer, [p for p, _ in pairs], device, cfg.max_new_tokens)
-        result.exact_match = exact_match_rate(predictions, [r for _, r in pairs])
-        result.samples = list(zip([r for _, r in pairs][:3], predictions[:3]))
-    result.probe_perplexity = text_perplexity(model, tokenizer, forgetting_probe_texts(), device)
-    return result
 
 
 def _fmt(value: float | None, pct: bool = False) -> str:

@@ -1,0 +1,99 @@
+"""The sets a run trains and evaluates on: read (or the built-in task), held out, tokenized, packed."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lorakit.core.errors import LorakitError
+from lorakit.training.data.batching import pack
+from lorakit.training.data.records import load_records, split_heldout
+from lorakit.training.data.tokenize import tokenize_records
+from lorakit.training.tasks import builtin_task
+
+if TYPE_CHECKING:
+    from lorakit.training.config import TrainConfig
+
+
+@dataclass
+class EvalSet:
+    """What an evaluation measures on: tokenized examples for the loss, raw records for exact match."""
+
+    format: str             # "text", "instruction" or "chat"
+    examples: list[dict]    # tokenized: input_ids, labels
+    records: list[dict]     # as read: prompts and references for greedy-generation exact match
+
+
+@dataclass
+class Datasets:
+    """A training run's data: tokenized (maybe packed) training examples and the held-out set."""
+
+    train: list[dict]       # tokenized: input_ids, labels
+    eval: EvalSet
+
+
+def load_eval_set(path: str | Path | None, tokenizer: Any, format: str = "auto", max_seq_len: int = 512,
+                  builtin_samples: int = 100) -> EvalSet:
+    """An evaluation set from a data file, or the built-in task's held-out records.
+
+    Samples longer than `max_seq_len` are cut (evaluation never stops on a long sample).
+
+    Args:
+        path: a ``.jsonl``/``.csv``/``.txt`` file; None: the built-in task's held-out set.
+        tokenizer: the model's tokenizer.
+        format: ``"auto"`` (detect), ``"text"``, ``"instruction"`` or ``"chat"``.
+        max_seq_len: the longest example, in tokens.
+        builtin_samples: how many held-out records of the built-in task.
+
+    Returns:
+        The set, in the file's order.
+
+    Raises:
+        LorakitError: the file cannot be read or holds a malformed record (see `load_records`).
+    """
+    if path is None:
+        _, records = builtin_task(n_eval=builtin_samples)
+        fmt = "instruction"
+    else:
+        records, fmt = load_records(path, None if format == "auto" else format)
+    examples = tokenize_records(records, tokenizer, fmt, max_seq_len, truncate=True, source=path)
+    return EvalSet(fmt, examples, records)
+
+
+def load_datasets(cfg: TrainConfig, tokenizer: Any) -> Datasets:
+    """The training and held-out sets of a run.
+
+    Without ``cfg.data``: the built-in task. With it: its records, and held out either ``cfg.eval_data``
+    or a deterministic ``cfg.eval_fraction`` of them.
+
+    Args:
+        cfg: the run's settings (data, eval_data, format, eval_fraction, seed, task_size, eval_samples,
+            max_seq_len, truncate, train_on_prompt, packing).
+        tokenizer: the model's tokenizer.
+
+    Returns:
+        The tokenized sets.
+
+    Raises:
+        LorakitError: unreadable or malformed data, an over-long sample without ``truncate``, or no
+            training sample left.
+    """
+    fmt = None if cfg.format == "auto" else cfg.format
+    if cfg.data is None:
+        train_records, eval_records = builtin_task(n_train=cfg.task_size, n_eval=cfg.eval_samples, seed=0)
+        fmt = "instruction"
+    else:
+        train_records, fmt = load_records(cfg.data, fmt)
+        if cfg.eval_data:
+            eval_records, _ = load_records(cfg.eval_data, fmt)
+        else:
+            train_records, eval_records = split_heldout(train_records, cfg.eval_fraction, seed=cfg.seed)
+    tok = dict(tokenizer=tokenizer, format=fmt, max_seq_len=cfg.max_seq_len, truncate=cfg.truncate,
+               train_on_prompt=cfg.train_on_prompt)
+    train = tokenize_records(train_records, source=cfg.data, **tok)
+    evals = tokenize_records(eval_records, source=cfg.eval_data or cfg.data, **tok)
+    if cfg.packing:
+        train = pack(train, cfg.max_seq_len)
+    if not train:
+        raise LorakitError(f"{cfg.data}: no training samples left after the held-out split; add data.")
+    return Datasets(train, EvalSet(fmt, evals, eval_records))

@@ -150,7 +150,6 @@ def train(cfg: TrainConfig) -> dict:
     """Run a whole fine-tune as `cfg` says; returns the summary written to report.md (rank 0)."""
     from tqdm import tqdm
 
-    from lorakit.cli.args import save_config
     from lorakit.core.adapters import summary
     from lorakit.core.fsutil import atomic_directory
     from lorakit.core.quantize import quantize_model
@@ -162,6 +161,7 @@ def train(cfg: TrainConfig) -> dict:
         load_checkpoint,
         save_checkpoint,
     )
+    from lorakit.training.config_file import save_config
     from lorakit.training.data import collate
     from lorakit.training.distributed import close_world, init_world, main_first
     from lorakit.training.models import load_model

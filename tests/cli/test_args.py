@@ -1,4 +1,4 @@
-"""lorakit.cliargs: a config dataclass as a command-line parser and a YAML config file."""
+"""lorakit.cli.args: a config dataclass as a command-line parser (tyro) and a YAML config file."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,15 +7,14 @@ from typing import Literal, Optional
 
 import pytest
 
-from lorakit.cli.args import (
-    build_parser,
+from lorakit.cli.args import parse_config
+from lorakit.core.errors import LorakitError
+from lorakit.training.config_file import (
     config_to_yaml,
     field_help,
     load_config,
-    parse_config,
     save_config,
 )
-from lorakit.core.errors import LorakitError
 
 
 @dataclass
@@ -135,7 +134,8 @@ def test_help_shows_docstrings_and_defaults(capsys):
     with pytest.raises(SystemExit) as exc:
         parse(["--help"])
     assert exc.value.code == 0
-    out = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    # Undo the help's line wrapping, and the side borders of tyro's boxes where stdout is UTF-8.
+    out = " ".join(capsys.readouterr().out.replace("│", " ").split())
     for text in field_help(TrainConfig).values():
         assert " ".join(text.split()) in out
     assert "--gradient-checkpointing, --no-gradient-checkpointing" in out
@@ -244,7 +244,8 @@ def test_positional_argument(tmp_path, capsys):
     assert cfg.adapter_dir == "from_yaml"
     with pytest.raises(SystemExit):
         parse_config(InfoConfig, [], prog="lorakit info", positional=("adapter_dir",))
-    assert "missing required ADAPTER_DIR" in capsys.readouterr().err
+    err = capsys.readouterr().err  # tyro's wording: "Required options ... Missing from lorakit info: ADAPTER_DIR"
+    assert "Missing from lorakit info" in err and "ADAPTER_DIR" in err
 
 
 def test_optional_positional_left_out_keeps_default():
@@ -289,10 +290,98 @@ def test_programming_errors_are_type_errors():
         pair: tuple[int, int] = (1, 2)
 
     with pytest.raises(TypeError, match="--config"):
-        build_parser(Clash, prog="x")
+        parse_config(Clash, [], prog="x")
     with pytest.raises(TypeError, match="unsupported"):
-        build_parser(Unsupported, prog="x")
+        parse_config(Unsupported, [], prog="x")
     with pytest.raises(TypeError, match="no field"):
-        build_parser(InfoConfig, prog="x", positional=("nope",))
+        parse_config(InfoConfig, [], prog="x", positional=("nope",))
     with pytest.raises(TypeError):
         config_to_yaml(InfoConfig)
+
+
+# ---- option groups: a field whose type is a dataclass; flags and YAML keys stay flat -----------------
+@dataclass
+class LoraOptions:
+    """LoRA's options."""
+
+    r: int = 8
+    """LoRA rank."""
+    lora_alpha: float = 16.0
+    """Scaling numerator."""
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise LorakitError(f"r={self.r} is invalid: the rank must be a positive integer.")
+
+
+@dataclass
+class DataOptions:
+    """Where the data comes from."""
+
+    data: Optional[str] = None
+    """Training data."""
+    layers: list[int] = field(default_factory=list)
+    """Block indices to adapt."""
+
+
+@dataclass
+class Composed:
+    lora: LoraOptions = field(default_factory=LoraOptions)
+    data_options: DataOptions = field(default_factory=lambda: DataOptions(layers=[1]))
+    output: str = "runs"
+    """Run directory."""
+    resume: bool = False
+    """Continue from the latest checkpoint."""
+
+
+def parse_composed(argv: list[str]) -> Composed:
+    return parse_config(Composed, argv, prog="lorakit train")
+
+
+def test_group_options_are_flat_flags():
+    cfg = parse_composed(["--r", "4", "--lora-alpha", "2", "--data", "d.jsonl", "--resume", "--output", "o"])
+    assert cfg == Composed(LoraOptions(4, 2.0), DataOptions("d.jsonl", [1]), "o", True)
+    assert parse_composed([]) == Composed()
+    assert parse_composed([]).data_options.layers == [1]  # the group field's default_factory counts
+    with pytest.raises(SystemExit):
+        parse_composed(["--lora.r", "4"])
+
+
+def test_group_help_lists_flat_flags(capsys):
+    with pytest.raises(SystemExit):
+        parse_composed(["--help"])
+    out = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert "--r N LoRA rank. (default: 8)" in out and "--layers N,N,..." in out and "(default: 1)" in out
+    assert "--lora.r" not in out and "--lora-alpha" in out
+
+
+def test_group_yaml_is_flat_and_round_trips(tmp_path):
+    path = write(tmp_path, "r: 4\nlayers: [2, 3]\noutput: x\n")
+    cfg = parse_composed(["--config", path, "--r", "6"])
+    assert cfg == Composed(LoraOptions(6, 16.0), DataOptions(None, [2, 3]), "x", False)
+    assert load_config(Composed, path) == Composed(LoraOptions(4, 16.0), DataOptions(None, [2, 3]), "x", False)
+    with pytest.raises(LorakitError, match="unknown key 'lora'"):
+        parse_composed(["--config", write(tmp_path, "lora:\n  r: 4\n", "nested.yaml")])
+    saved = tmp_path / "saved.yaml"
+    save_config(cfg, saved)
+    text = saved.read_text()
+    assert text.startswith("# LoRA rank.\nr: 6\n") and "\nlayers:\n- 2\n- 3\n" in text and "lora:" not in text
+    assert load_config(Composed, saved) == cfg
+    assert parse_composed(["--config", str(saved)]) == cfg
+
+
+def test_group_post_init_errors_propagate(tmp_path):
+    with pytest.raises(LorakitError, match="rank must be a positive"):
+        parse_composed(["--r", "0"])
+    with pytest.raises(LorakitError, match="rank must be a positive"):
+        load_config(Composed, write(tmp_path, "r: 0\n"))
+
+
+def test_group_option_names_must_be_unique():
+    @dataclass
+    class Twice:
+        lora: LoraOptions = field(default_factory=LoraOptions)
+        r: int = 2
+
+    with pytest.raises(TypeError, match="unique"):
+        parse_config(Twice, [], prog="x")

@@ -11,7 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lorakit.cli.args import parse_config
 from lorakit.cli.main import main
+from lorakit.training.config import TrainConfig
+from lorakit.training.config_file import load_config
 
 FAST = ["--eval-samples", "4", "--max-new-tokens", "8", "--precision", "fp32", "--warmup-steps", "1"]
 
@@ -157,6 +160,11 @@ def test_yaml_config_with_flag_override(tiny_model_dir, task_files, tmp_path):
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == 2 and adapter["lora_alpha"] == 32 and sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
     assert "r: 2" in (out / "config.yaml").read_text()
+    # The run's config.yaml is the whole config: read back (or given to --config) it is the config that ran.
+    ran = parse_config(TrainConfig, ["--config", str(cfg), "--r", "2", "--output", str(out), "--max-new-tokens", "4"],
+                       prog="lorakit train")
+    assert load_config(TrainConfig, out / "config.yaml") == ran
+    assert parse_config(TrainConfig, ["--config", str(out / "config.yaml")], prog="lorakit train") == ran
 
 
 def test_ddp_two_processes_match_single(tiny_model_dir, task_files, tmp_path):

@@ -1,12 +1,9 @@
 """`lorakit <command>`: a dict from command name to (config dataclass, function); the dataclass is the CLI."""
 from __future__ import annotations
 
-import json
 import os
 import sys
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 from lorakit.core.errors import LorakitError
 from lorakit.tools.bench import (
@@ -16,165 +13,15 @@ from lorakit.tools.bench import (
     bench_train,
 )
 from lorakit.tools.compress import CompressConfig, run_compress
+from lorakit.tools.generate import GenerateConfig, run_chat, run_generate
+from lorakit.tools.info import InfoConfig, run_info
+from lorakit.tools.merge_model import MergeConfig, run_merge
 from lorakit.tools.plan import PlanConfig, run_plan
 from lorakit.tools.rank import RankConfig, run_rank
 from lorakit.tools.sweep import SweepConfig, run_sweep
 from lorakit.training.config import TrainConfig
 from lorakit.training.evaluate import EvalConfig, run_eval
-from lorakit.training.loading import load_with_adapter
 from lorakit.training.loop import train
-
-
-# ---- generate / chat --------------------------------------------------------------------------------
-@dataclass
-class GenerateConfig:
-    prompt: str | None = None
-    """The user message (rendered with the chat template); read from stdin when omitted."""
-    model: str | None = None
-    """Base model; omitted: the adapter's recorded base, else the embedded default."""
-    adapter: str | None = None
-    """Adapter directory to apply."""
-    max_new_tokens: int = 128
-    """Tokens to generate."""
-    temperature: float = 0.0
-    """0: greedy."""
-    raw: bool = False
-    """Use the prompt as is, without the chat template."""
-    device: str | None = None
-    """cpu, cuda ..."""
-    quantize: Literal["none", "nf4", "int8"] = "none"
-    """Hold the base's block linears in 4-bit NF4 or int8, as a QLoRA adapter was trained."""
-
-
-def _reply(loaded, messages_or_text, cfg) -> str:
-    import torch
-
-    from lorakit.training.evaluate import stop_token_ids
-
-    tok = loaded.tokenizer
-    if isinstance(messages_or_text, str):
-        text = messages_or_text
-    else:
-        text = tok.apply_chat_template(messages_or_text, tokenize=False, add_generation_prompt=True)
-    enc = tok(text, return_tensors="pt", add_special_tokens=False).to(loaded.model.device)
-    sample = cfg.temperature > 0
-    with torch.no_grad():
-        out = loaded.model.generate(**enc, max_new_tokens=cfg.max_new_tokens, do_sample=sample,
-                                    temperature=cfg.temperature if sample else None, top_p=None, top_k=None,
-                                    pad_token_id=tok.pad_token_id, eos_token_id=stop_token_ids(tok))
-    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-
-
-def run_generate(cfg: GenerateConfig) -> str:
-    """Generate one reply from the base model or base + adapter."""
-    loaded = load_with_adapter(cfg.model, cfg.adapter, cfg.device, quantize=cfg.quantize)
-    prompt = cfg.prompt if cfg.prompt is not None else sys.stdin.read()
-    reply = _reply(loaded, prompt if cfg.raw else [{"role": "user", "content": prompt}], cfg)
-    print(reply)
-    return reply
-
-
-def run_chat(cfg: GenerateConfig) -> None:
-    """An interactive chat (empty line or Ctrl-D ends it)."""
-    loaded = load_with_adapter(cfg.model, cfg.adapter, cfg.device, quantize=cfg.quantize)
-    messages: list[dict] = []
-    print("lorakit chat: empty line or Ctrl-D to quit")
-    while True:
-        try:
-            line = input("you> ").strip()
-        except EOFError:
-            break
-        if not line:
-            break
-        messages.append({"role": "user", "content": line})
-        reply = _reply(loaded, messages, cfg)
-        messages.append({"role": "assistant", "content": reply})
-        print(f"model> {reply}")
-
-
-# ---- merge / info -----------------------------------------------------------------------------------
-@dataclass
-class MergeConfig:
-    adapter: str | None = None
-    """Adapter directory to fold into the base weights."""
-    output: str | None = None
-    """Where to write the merged transformers model directory."""
-    model: str | None = None
-    """Base model; omitted: the adapter's recorded base, else the embedded default."""
-    precision: Literal["bf16", "fp16", "fp32"] = "fp32"
-    """dtype of the written weights."""
-    quantize: Literal["none", "nf4", "int8"] = "none"
-    """Merge onto the base as a QLoRA adapter saw it: quantized, then dequantized to fp32 (none: the original weights)."""
-
-
-def run_merge(cfg: MergeConfig) -> Path:
-    """Write base + adapter as a standard transformers model directory (AutoModelForCausalLM loads it)."""
-    import torch
-
-    from lorakit.core.fsutil import atomic_directory
-    from lorakit.core.quantize import quantize_model
-    from lorakit.methods.combine import load as load_adapter
-    from lorakit.methods.combine import merge_and_unload
-    from lorakit.training.loading import base_model_for
-    from lorakit.training.models import compute_dtype, load_model
-
-    if not cfg.adapter or not cfg.output:
-        raise LorakitError("lorakit merge needs --adapter DIR and --output DIR.")
-    loaded = load_model(base_model_for(cfg.model, cfg.adapter))
-    model = loaded.model  # merge in fp32, then cast: no rounding of the update into bf16 before the sum
-    quantize_model(model, cfg.quantize, torch.float32)  # merge_and_unload dequantizes it to fp32
-    load_adapter(model, cfg.adapter)
-    merged = merge_and_unload(model)
-    merged.to(compute_dtype(cfg.precision, merged.device))
-    with atomic_directory(cfg.output) as tmp:
-        merged.save_pretrained(tmp)
-        loaded.tokenizer.save_pretrained(tmp)
-    print(f"merged model written to {cfg.output}")
-    return Path(cfg.output)
-
-
-@dataclass
-class InfoConfig:
-    adapter: str | None = None
-    """Adapter directory."""
-    json: bool = False
-    """Print JSON."""
-
-
-def run_info(cfg: InfoConfig) -> dict:
-    """What an adapter is: base model, targets, ranks, trainable parameters, file size."""
-    from safetensors import safe_open
-
-    from lorakit.core.io import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
-
-    if not cfg.adapter:
-        raise LorakitError("lorakit info needs an adapter directory: lorakit info DIR.")
-    directory = Path(cfg.adapter)
-    config = read_adapter_config(directory)
-    weights = directory / WEIGHTS_NAME
-    modules: dict[str, int] = {}
-    n_params = 0
-    with safe_open(str(weights), "pt") as f:
-        for key in f.keys():
-            shape = f.get_slice(key).get_shape()
-            n = 1
-            for d in shape:
-                n *= d
-            n_params += n
-            if key.endswith(("lora_A.weight", "lora_embedding_A")):
-                modules[key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]] = shape[0]
-    info = {
-        "base_model": config.base_model_name_or_path, "target_modules": config.target_modules,
-        "r": config.r, "lora_alpha": config.lora_alpha, "use_rslora": config.use_rslora,
-        "adapted_modules": len(modules), "ranks": sorted(set(modules.values())), "parameters": n_params,
-        "file_bytes": weights.stat().st_size + (directory / CONFIG_NAME).stat().st_size,
-    }
-    if cfg.json:
-        print(json.dumps(info, indent=2))
-    else:
-        for key, value in info.items():
-            print(f"{key:<16} {value}")
-    return info
 
 
 # name -> (config class, function, positional fields, one-line help)

@@ -30,6 +30,7 @@ from lorakit.training.checkpoint import (
     save_checkpoint,
 )
 from lorakit.training.config import TrainConfig
+from lorakit.training.config_file import save_config
 from lorakit.training.data.batching import BatchPlan, collate
 from lorakit.training.data.sets import Datasets, load_datasets
 from lorakit.training.distributed import World, close_world, init_world, main_first
@@ -131,7 +132,6 @@ class Trainer:
 # ---- the steps --------------------------------------------------------------------------------------
 def setup_run(cfg: TrainConfig, world: World, started: float) -> Run:
     """Load the base model (in the compute dtype, quantized if asked) and the data; write config.yaml."""
-    from lorakit.cli.args import save_config
 
     torch.manual_seed(cfg.seed)
     dtype = compute_dtype(cfg.precision, world.device)

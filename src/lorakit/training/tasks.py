@@ -136,10 +136,18 @@ def builtin_task(n_train: int = 2000, n_eval: int = 100, seed: int = 0) -> tuple
     return records[n_eval:], records[:n_eval]
 
 
+# Preservation text (--preserve) comes from other modules than the probe's, so that the probe measures
+# what preservation kept rather than what it trained on.
+PRESERVE_MODULES = (
+    "heapq", "bisect", "csv", "datetime", "decimal", "enum", "fnmatch", "glob", "gzip", "html",
+    "inspect", "ipaddress", "logging", "operator", "random", "shlex", "tempfile", "typing", "uuid", "zipfile",
+)
+
+
 def forgetting_probe_texts(max_chars: int = 20000) -> list[str]:
     """General English prose for measuring forgetting: standard-library docstring paragraphs.
 
-    Docstrings of a fixed list of pure-Python stdlib modules and their public classes,
+    Docstrings of a fixed list of pure-Python stdlib modules (`PROBE_MODULES`) and their public classes,
     functions and methods, split into paragraphs; code examples, indented blocks and short
     fragments are dropped, wrapped lines are joined. The order is fixed, so the result is the
     same on every call with the same Python.
@@ -150,10 +158,16 @@ def forgetting_probe_texts(max_chars: int = 20000) -> list[str]:
     Returns:
         Paragraphs in a stable order, about ``max_chars`` characters in total.
     """
+    return docstring_texts(PROBE_MODULES, max_chars)
+
+
+def docstring_texts(modules: tuple[str, ...], max_chars: int, exclude: frozenset[str] = frozenset()) -> list[str]:
+    """Distinct prose paragraphs of `modules`' docstrings in a fixed order, about `max_chars` in total,
+    leaving out the paragraphs in `exclude`."""
     texts: list[str] = []
-    seen: set[str] = set()
+    seen: set[str] = set(exclude)
     total = 0
-    for paragraph in _docstring_paragraphs():
+    for paragraph in _docstring_paragraphs(modules):
         if paragraph in seen:
             continue
         if total + len(paragraph) > max_chars:
@@ -164,9 +178,9 @@ def forgetting_probe_texts(max_chars: int = 20000) -> list[str]:
     return texts
 
 
-def _docstring_paragraphs() -> Iterator[str]:
-    """Yield the prose paragraphs of every probe module's docstrings, in a fixed order."""
-    for module_name in PROBE_MODULES:
+def _docstring_paragraphs(modules: tuple[str, ...]) -> Iterator[str]:
+    """Yield the prose paragraphs of every module's docstrings, in a fixed order."""
+    for module_name in modules:
         module = importlib.import_module(module_name)
         for obj in _documented_objects(module):
             for paragraph in (inspect.getdoc(obj) or "").split("\n\n"):

@@ -93,3 +93,23 @@ def test_fused_adamw_matches_plain():
         opt_b.step()
     for pa, pb in zip(params_a, params_b):
         torch.testing.assert_close(pa, pb)
+
+
+def test_every_chunk_candidate_gives_the_same_loss_and_gradient(tmp_path, monkeypatch):
+    from lorakit.core import autotune
+    from lorakit.training.loss import CHUNK_CANDIDATES, LinearCrossEntropy, choose_chunk
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(40, 8, generator=g)
+    targets = torch.randint(0, 40, (600,), generator=g)
+    results = []
+    for chunk in CHUNK_CANDIDATES:
+        hidden = torch.randn(600, 8, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        loss = LinearCrossEntropy.apply(hidden, weight, targets, chunk)
+        loss.backward()
+        results.append((loss.detach(), hidden.grad))
+    for loss, grad in results[1:]:
+        assert torch.allclose(loss, results[0][0], rtol=1e-5) and torch.allclose(grad, results[0][1], atol=1e-6)
+    monkeypatch.setenv("LORAKIT_HOME", str(tmp_path))
+    autotune.forget_process_decisions()
+    assert choose_chunk(weight, tokens=64) in CHUNK_CANDIDATES

@@ -245,6 +245,9 @@ class Linear(LoraLayer):
         # original W rather than the residual (see io._export_factors).
         self.pissa_initial: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._inference_cache: dict[str, tuple] = {}  # see _inference_factors
+        # Decoding steps on the CPU run the branch in fp32 where that is faster on this machine; set per
+        # layer by lorakit.training.decoding.tune_lora_decoding (fp32 until then).
+        self.decode_fp32 = True
 
     def delete_adapter(self, name):
         super().delete_adapter(name)
@@ -270,10 +273,10 @@ class Linear(LoraLayer):
         if torch.is_grad_enabled() or self.training:
             A, B = self.factors(name)
             A, scaled_b = A.to(x.dtype), (B * self.scaling[name]).to(result.dtype)
-        elif (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+        elif (self.decode_fp32 and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
               and x.numel() <= _FP32_DECODE_TOKENS * x.shape[-1]):
-            # Decoding on the CPU: a few tokens, where bf16 GEMMs of this size cost ~3x their fp32 version
-            # (kernel set-up dominates); the factors are fp32 already.
+            # Decoding on the CPU: a few tokens, where bf16 GEMMs of this size can cost several times their
+            # fp32 version (kernel set-up dominates); the factors are fp32 already.
             A, scaled_b = self._inference_factors(name, torch.float32, torch.float32)
             return result + F.linear(F.linear(x.float(), A), scaled_b).to(result.dtype)
         else:

@@ -108,13 +108,22 @@ def register() -> str:
     return NAME
 
 
-def use_fast_cpu_attention(model: nn.Module) -> bool:
-    """Switch a transformers model that uses "sdpa" to NAME (which falls back to sdpa off its fast path).
+def use_fast_cpu_attention(model: nn.Module, measure: bool = True) -> bool:
+    """Switch a transformers model that uses "sdpa" to NAME (which falls back to sdpa off its fast path),
+    where NAME is the faster of the two on this machine for the model's attention shapes (measured once
+    and cached: `lorakit.core.autotune`). bf16/fp16 models only; others are left on "sdpa".
 
-    Returns whether the model was switched; models on other implementations are left alone.
+    Args:
+        measure: False switches without measuring (a model bound for a GPU, where the fast path never runs).
+
+    Returns:
+        Whether the model was switched; models on other implementations are left alone.
     """
     config = getattr(model, "config", None)
     if getattr(config, "_attn_implementation", None) != "sdpa" or not hasattr(model, "set_attn_implementation"):
+        return False
+    dtype = next(model.parameters()).dtype
+    if measure and dtype in (torch.bfloat16, torch.float16) and choose_attention(config, dtype) != "gemm":
         return False
     register()
     try:
@@ -122,3 +131,29 @@ def use_fast_cpu_attention(model: nn.Module) -> bool:
     except (ValueError, NotImplementedError):  # an architecture that does not dispatch through AttentionInterface
         return False
     return model.config._attn_implementation == NAME
+
+
+def choose_attention(config, dtype: torch.dtype, batch: int = 4, seq: int = 256) -> str:
+    """"gemm" (this module's path) or "sdpa", whichever runs a layer's attention forward + backward faster
+    on this CPU at a training step's shapes (batch x seq tokens, the model's heads)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from lorakit.core.autotune import choose
+
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, h, seq, dim, generator=g).to(dtype).requires_grad_()
+               for h in (heads, kv_heads, kv_heads))
+    module = nn.Module()
+    module.is_causal, module.num_key_value_groups, module.training = True, heads // kv_heads, True
+
+    def run(forward):
+        def step():
+            out, _ = forward(module, q, k, v, None, dropout=0.0, scaling=dim ** -0.5)
+            out.sum().backward()
+        return step
+
+    shapes = f"b{batch} t{seq} h{heads}/{kv_heads} d{dim} {str(dtype).replace('torch.', '')}"
+    return choose("cpu_attention", shapes, {"gemm": run(cpu_attention_forward), "sdpa": run(sdpa_attention_forward)})

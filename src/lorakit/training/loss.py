@@ -18,6 +18,8 @@ IGNORE_INDEX = -100  # the label of a position with no loss (torch's cross_entro
 # threshold, so the buffer is reused from the heap rather than mapped and page-faulted afresh each step
 # (1024 positions, 200 MB: ~3% slower steps and ~0.2 GB more peak memory on the default model).
 CHUNK_TOKENS = 128
+# The sizes `choose_chunk` measures on CPU (the first is the default where nothing is measured).
+CHUNK_CANDIDATES = (CHUNK_TOKENS, 64, 256, 512)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -71,13 +73,14 @@ def _head_supports_fusion(model: nn.Module) -> bool:
 
 def loss_sum(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-    chunk_tokens: int = CHUNK_TOKENS,
+    chunk_tokens: int | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over labelled positions, and how many there are.
 
     Args:
         input_ids, attention_mask, labels: (batch, seq); labels are IGNORE_INDEX where no loss applies.
-        chunk_tokens: how many positions' logits exist at once (see CHUNK_TOKENS).
+        chunk_tokens: how many positions' logits exist at once; None: CHUNK_TOKENS on GPUs, and on CPUs
+            the size this machine runs fastest (`choose_chunk`, measured once).
     """
     targets = labels[:, 1:]  # position t predicts token t + 1
     keep = targets != IGNORE_INDEX
@@ -88,4 +91,23 @@ def loss_sum(
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     hidden = hidden[:, :-1][keep]  # (n_tokens, hidden)
     weight = model.get_output_embeddings().weight
-    return LinearCrossEntropy.apply(hidden, weight, targets[keep], chunk_tokens), n_tokens
+    chunk = chunk_tokens or (choose_chunk(weight) if weight.device.type == "cpu" else CHUNK_TOKENS)
+    return LinearCrossEntropy.apply(hidden, weight, targets[keep], chunk), n_tokens
+
+
+def choose_chunk(weight: torch.Tensor, tokens: int = 512) -> int:
+    """The fastest of CHUNK_CANDIDATES for the fused loss (forward and its in-pass gradient) over `tokens`
+    positions with this output head's shape and dtype, measured once per machine (`lorakit.core.autotune`)."""
+    from lorakit.core.autotune import choose
+
+    vocab, dim = weight.shape
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(tokens, dim, generator=g).to(weight.dtype).requires_grad_()
+    head = torch.randn(vocab, dim, generator=g).to(weight.dtype)
+    targets = torch.randint(0, vocab, (tokens,), generator=g)
+
+    def run(chunk: int):
+        return lambda: LinearCrossEntropy.apply(hidden, head, targets, chunk).backward()
+
+    shapes = f"V{vocab} d{dim} {str(weight.dtype).replace('torch.', '')}"
+    return int(choose("loss_chunk", shapes, {str(c): run(c) for c in CHUNK_CANDIDATES}, repeats=3))

@@ -220,7 +220,7 @@ def load_model(
     if fast_cpu_attention:
         from lorakit.training.attention import use_fast_cpu_attention
 
-        use_fast_cpu_attention(model)
+        use_fast_cpu_attention(model, measure=target.type == "cpu")
     tokenizer.padding_side = padding_side
     model.to(target)
     model.eval()

@@ -11,7 +11,14 @@
 
 Importing lorakit imports torch and nothing heavier; the CLI's libraries load on demand.
 """
-from lorakit.core.active import active_adapters, adapter_names, delete_adapter, lora_configs, lora_layers, set_adapter
+from lorakit.core.active import (
+    active_adapters,
+    adapter_names,
+    delete_adapter,
+    lora_configs,
+    lora_layers,
+    set_adapter,
+)
 from lorakit.core.adapters import (
     Summary,
     add_weighted_adapter,

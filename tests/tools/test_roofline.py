@@ -1,7 +1,12 @@
 """The roofline helpers: the GEMMs a step dispatches, their FLOPs, and their replay."""
 import torch
 
-from lorakit.tools.roofline import capture_gemms, decode_limit_tokens_per_s, gemm_summary, replay_seconds
+from lorakit.tools.roofline import (
+    capture_gemms,
+    decode_limit_tokens_per_s,
+    gemm_summary,
+    replay_seconds,
+)
 
 
 def test_captures_forward_and_backward_products():

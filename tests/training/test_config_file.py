@@ -7,7 +7,13 @@ import pytest
 
 from lorakit.core.errors import LorakitError
 from lorakit.training.config import TrainConfig
-from lorakit.training.config_file import build_config, config_fields, config_to_yaml, load_config, save_config
+from lorakit.training.config_file import (
+    build_config,
+    config_fields,
+    config_to_yaml,
+    load_config,
+    save_config,
+)
 
 
 @dataclass

@@ -1,13 +1,12 @@
 """The per-machine choice of the LoRA branch's dtype for CPU decoding steps; both paths agree."""
 import pytest
 import torch
+from conftest import input_ids, randomize_lora, tiny_llama
 
 import lorakit
 from lorakit import LoraConfig
 from lorakit.core import autotune
 from lorakit.training.decoding import tune_lora_decoding
-
-from conftest import input_ids, randomize_lora, tiny_llama
 
 
 @pytest.fixture(autouse=True)

@@ -4,6 +4,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import input_ids, randomize_lora, tiny_llama
 
 import lorakit
 from lorakit import LoraConfig, LorakitError
@@ -21,8 +22,6 @@ from lorakit.training.knowledge import (
 )
 from lorakit.training.tasks import forgetting_probe_texts
 from lorakit.training.ticket_task import LABELS, ticket_task
-
-from conftest import input_ids, randomize_lora, tiny_llama
 
 
 def adapted_pair():

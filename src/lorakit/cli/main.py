@@ -23,7 +23,6 @@ from lorakit.training.config import TrainConfig
 from lorakit.training.evaluate import EvalConfig, run_eval
 from lorakit.training.loop import train
 
-
 # name -> (config class, function, positional fields, one-line help)
 COMMANDS: dict[str, tuple[type, Callable, tuple[str, ...], str]] = {
     "train": (TrainConfig, train, (), "Fine-tune a model with LoRA (default: the embedded model on the built-in task)."),

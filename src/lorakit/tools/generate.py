@@ -42,7 +42,7 @@ def reply(loaded: LoadedModel, messages_or_text: str | list[dict], cfg: Generate
     """
     import torch
 
-    from lorakit.training.evaluate import stop_token_ids
+    from lorakit.training.generation import stop_token_ids
 
     tok = loaded.tokenizer
     if isinstance(messages_or_text, str):

@@ -151,8 +151,9 @@ def choose_attention(config, dtype: torch.dtype, batch: int = 4, seq: int = 256)
 
     def run(forward):
         def step():
-            out, _ = forward(module, q, k, v, None, dropout=0.0, scaling=dim ** -0.5)
-            out.sum().backward()
+            with torch.enable_grad():
+                out, _ = forward(module, q, k, v, None, dropout=0.0, scaling=dim ** -0.5)
+                out.sum().backward()
         return step
 
     shapes = f"b{batch} t{seq} h{heads}/{kv_heads} d{dim} {str(dtype).replace('torch.', '')}"

@@ -101,8 +101,16 @@ class TrainConfig:
     """QLoRA: hold the frozen base's block linears in 4-bit NF4 (double-quantized scales) or int8 (bitsandbytes); LoRA trains in fp32 on top."""
     device: str | None = None
     """cpu, cuda, cuda:1 ...; default: cuda if available."""
+    task: Literal["orders", "tickets"] = "orders"
+    """Built-in task when --data is omitted: orders (order note -> record) or tickets (route a message to a team)."""
     task_size: int = 960
     """Training samples of the built-in task."""
+    preserve: float = 0.0
+    """Knowledge preservation: weight of a KL term to the base model's next-token distribution on general text (0: off)."""
+    max_forgetting: float = 0.0
+    """Forgetting guard: keep the best adapter whose forgetting-probe perplexity rose at most this many percent (0: off)."""
+    probe_every: int = 0
+    """Forgetting guard: probe every N steps (0: ten times per run)."""
     init_r: int = 12
     """AdaLoRA (--method adalora): singular triplets per module at the start."""
     target_r: int = 4
@@ -127,4 +135,6 @@ class TrainConfig:
         if self.quantize != "none" and self.init_lora_weights == "pissa":
             raise LorakitError("--init-lora-weights pissa rewrites the base weights, which --quantize cannot hold "
                                "exactly; use the default init with --quantize.")
+        if self.preserve < 0 or self.max_forgetting < 0 or self.probe_every < 0:
+            raise LorakitError("--preserve, --max-forgetting and --probe-every must be >= 0.")
         make_methods(self)  # unknown method names and invalid method options fail now, before the model loads

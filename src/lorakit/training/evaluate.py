@@ -13,9 +13,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lorakit.core.adapters import disable_adapters
 from lorakit.training.data.batching import collate
 from lorakit.training.data.render import prompts_and_references
 from lorakit.training.data.sets import EvalSet, load_eval_set
+from lorakit.training.generation import generate
+from lorakit.training.knowledge import behaviour_answers, compare_behaviour
 from lorakit.training.loading import load_with_adapter
 from lorakit.training.loss import loss_sum
 from lorakit.training.tasks import forgetting_probe_texts
@@ -31,6 +34,7 @@ class EvalResult:
     probe_perplexity: float | None = None
     n_examples: int = 0
     samples: list[tuple[str, str]] = field(default_factory=list)  # (reference, generated), a few
+    behaviour_answers: list[str] | None = None  # greedy answers to the general instructions (behaviour probe)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -51,41 +55,6 @@ def mean_loss(model: nn.Module, examples: list[dict], pad_id: int, device: torch
         count += n
     model.train(was_training)
     return total / max(count, 1)
-
-
-def stop_token_ids(tokenizer: Any) -> list[int]:
-    """eos plus the chat template's end-of-turn token, whichever exist."""
-    ids = {tokenizer.eos_token_id}
-    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
-        tid = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
-            ids.add(tid)
-    return sorted(i for i in ids if i is not None)
-
-
-@torch.no_grad()
-def generate(
-    model: nn.Module, tokenizer: Any, prompts: list[str], device: torch.device,
-    max_new_tokens: int = 64, batch_size: int = 32,
-) -> list[str]:
-    """Greedy completions of already-rendered prompts, batched with left padding."""
-    was_training = model.training
-    model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    outputs: list[str] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(device)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(tokenizer))
-            new = out[:, enc["input_ids"].shape[1]:]
-            outputs += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
-    return outputs
 
 
 def exact_match(prediction: str, reference: str) -> bool:
@@ -122,7 +91,7 @@ def text_perplexity(model: nn.Module, tokenizer: Any, texts: list[str], device: 
 
 
 def evaluate(model: nn.Module, tokenizer: Any, data: EvalSet, device: torch.device, exact_match_samples: int = 100,
-             max_new_tokens: int = 48, probe: bool = True) -> EvalResult:
+             max_new_tokens: int = 48, probe: bool = True, behaviour: bool = True) -> EvalResult:
     """Held-out loss and perplexity, greedy-generation exact match and the forgetting probe of `model`.
 
     Args:
@@ -132,6 +101,7 @@ def evaluate(model: nn.Module, tokenizer: Any, data: EvalSet, device: torch.devi
         exact_match_samples: how many of the set's first records to generate for; 0, or text data: none.
         max_new_tokens: generation length.
         probe: also measure perplexity on the forgetting probe (general text outside the training data).
+        behaviour: also answer the behaviour probe's general instructions (`lorakit.training.knowledge`).
 
     Returns:
         The measurements; exact match (and a few sample generations) only for instruction/chat data.
@@ -146,6 +116,8 @@ def evaluate(model: nn.Module, tokenizer: Any, data: EvalSet, device: torch.devi
         result.samples = list(zip(references[:3], predictions[:3]))
     if probe:
         result.probe_perplexity = text_perplexity(model, tokenizer, forgetting_probe_texts(), device)
+    if behaviour:
+        result.behaviour_answers = behaviour_answers(model, tokenizer, device)
     return result
 
 
@@ -172,6 +144,9 @@ class EvalConfig:
     """cpu, cuda ..."""
     quantize: Literal["none", "nf4", "int8"] = "none"
     """Hold the base's block linears in 4-bit NF4 or int8, as a QLoRA adapter was trained."""
+    probe: bool = False
+    """With --adapter: also measure what the adapter kept of the base (forgetting probe perplexity and
+    behaviour probe answers, adapter vs base)."""
 
 
 def run_eval(cfg: EvalConfig) -> dict:
@@ -188,11 +163,31 @@ def run_eval(cfg: EvalConfig) -> dict:
     """
     loaded = load_with_adapter(cfg.model, cfg.adapter, cfg.device, quantize=cfg.quantize)
     data = load_eval_set(cfg.data, loaded.tokenizer, cfg.format, cfg.max_seq_len, builtin_samples=cfg.eval_samples)
-    result = evaluate(loaded.model, loaded.tokenizer, data, loaded.model.device, cfg.eval_samples, cfg.max_new_tokens)
-    out = {k: v for k, v in result.to_dict().items() if k != "samples"}
+    device, tokenizer = loaded.model.device, loaded.tokenizer
+    result = evaluate(loaded.model, tokenizer, data, device, cfg.eval_samples, cfg.max_new_tokens, behaviour=cfg.probe)
+    out = {k: v for k, v in result.to_dict().items() if k not in ("samples", "behaviour_answers")}
+    if cfg.probe and cfg.adapter:
+        out["kept"] = knowledge_kept(loaded.model, tokenizer, device, result)
     if cfg.json:
         print(json.dumps(out, indent=2))
     else:
         for key, value in out.items():
-            print(f"{key:<18} {value}")
+            print(f"{key:<18} {value}" if key != "kept" else f"{key:<18} " + ", ".join(
+                f"{k}={v}" for k, v in value.items() if k != "examples"))
     return out
+
+
+def knowledge_kept(model: nn.Module, tokenizer: Any, device: torch.device, adapted: EvalResult) -> dict[str, Any]:
+    """Both probes of `adapted` (measured with the adapter on) against the same model with its adapters off.
+
+    Returns:
+        {"forgetting_pct": probe perplexity rise in percent, "behaviour_unchanged", "token_agreement",
+        "examples"}.
+    """
+    with disable_adapters(model):
+        base_ppl = text_perplexity(model, tokenizer, forgetting_probe_texts(), device)
+        base_answers = behaviour_answers(model, tokenizer, device)
+    kept = compare_behaviour(base_answers, adapted.behaviour_answers, tokenizer)
+    return {"forgetting_pct": 100 * (adapted.probe_perplexity - base_ppl) / base_ppl,
+            "behaviour_unchanged": kept.unchanged, "token_agreement": kept.token_agreement,
+            "examples": kept.examples}

@@ -21,9 +21,13 @@ from torch import nn
 
 from lorakit.core.adapters import disable_adapters
 from lorakit.core.errors import LorakitError
-from lorakit.training.evaluate import generate
 from lorakit.training.general_prompts import GENERAL_INSTRUCTIONS
-from lorakit.training.tasks import PRESERVE_MODULES, docstring_texts, forgetting_probe_texts
+from lorakit.training.generation import generate
+from lorakit.training.tasks import (
+    PRESERVE_MODULES,
+    docstring_texts,
+    forgetting_probe_texts,
+)
 
 BEHAVIOUR_MAX_NEW_TOKENS = 32
 

@@ -34,10 +34,17 @@ from lorakit.training.config_file import save_config
 from lorakit.training.data.batching import BatchPlan, collate
 from lorakit.training.data.sets import Datasets, load_datasets
 from lorakit.training.distributed import World, close_world, init_world, main_first
-from lorakit.training.evaluate import EvalResult, evaluate, mean_loss
+from lorakit.training.evaluate import EvalResult, evaluate, mean_loss, text_perplexity
+from lorakit.training.knowledge import (
+    ForgettingGuard,
+    PreservationLoss,
+    load_trainable_state,
+    trainable_state,
+)
 from lorakit.training.loss import IGNORE_INDEX, loss_sum
 from lorakit.training.models import compute_dtype, load_model
 from lorakit.training.report import MetricsLog, write_run_report
+from lorakit.training.tasks import forgetting_probe_texts
 
 
 # ---- optimization -----------------------------------------------------------------------------------
@@ -127,6 +134,8 @@ class Trainer:
     plan: BatchPlan
     total_steps: int
     counts: Summary             # trainable / total parameters
+    preserve: PreservationLoss | None = None   # --preserve: KL to the base on general text
+    guard: ForgettingGuard | None = None       # --max-forgetting (rank 0)
 
 
 # ---- the steps --------------------------------------------------------------------------------------
@@ -175,7 +184,10 @@ def build_trainer(run: Run) -> Trainer:
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[world.device.index] if world.device.type == "cuda" else None)
     scaler = torch.amp.GradScaler(world.device.type) if run.dtype == torch.float16 else None
-    return Trainer(methods, optimizer, scheduler, step_module, scaler, plan, total_steps, counts)
+    trainer = Trainer(methods, optimizer, scheduler, step_module, scaler, plan, total_steps, counts)
+    if cfg.preserve > 0:
+        trainer.preserve = PreservationLoss(run.tokenizer, cfg.preserve)
+    return trainer
 
 
 def resume(run: Run, trainer: Trainer) -> int:
@@ -207,6 +219,10 @@ def train_step(run: Run, trainer: Trainer, step: int) -> tuple[float, int]:
              for idx in trainer.plan.micro_batches(step, world.rank)]
     global_tokens = world.sum(sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in micro))
     loss = world.sum(accumulate_gradients(run, trainer, micro, global_tokens)) / max(global_tokens, 1)
+    if trainer.preserve is not None:
+        # The preservation batch depends on the step only: every process adds the same gradient, no reduction.
+        kl = trainer.preserve(run.model, step, world.device)
+        (trainer.scaler.scale(kl) if trainer.scaler else kl).backward()
     if not math.isfinite(loss):
         good = latest_checkpoint(run.ckpt_dir)
         raise TrainingDiverged(
@@ -275,15 +291,33 @@ def maybe_checkpoint(run: Run, trainer: Trainer, step: int, loss: float) -> None
     run.world.barrier()
 
 
+def maybe_probe(run: Run, trainer: Trainer, step: int) -> dict[str, float]:
+    """With --max-forgetting, every --probe-every steps and at the last (rank 0): measure forgetting and the
+    held-out loss, and let the guard keep the adapter if it is the best within budget."""
+    guard, n = trainer.guard, step + 1
+    every = run.cfg.probe_every or max(1, trainer.total_steps // 10)
+    if guard is None or not (n % every == 0 or n == trainer.total_steps):
+        return {}
+    device, tok = run.world.device, run.tokenizer
+    point = guard.observe(n, text_perplexity(run.model, tok, forgetting_probe_texts(), device),
+                          mean_loss(run.model, run.data.eval.examples, tok.pad_token_id, device),
+                          snapshot=lambda: trainable_state(run.model))
+    run.model.train()
+    return {"forgetting_pct": point.forgetting_pct, "probe_eval_loss": point.task_loss}
+
+
 def finish(run: Run, trainer: Trainer, before: EvalResult | None, tokens_per_s: float | None) -> dict:
-    """Rank 0 writes the adapter, measures the model after training and writes the report; returns its summary."""
+    """Rank 0 restores the guard's choice, writes the adapter, measures the model after training and writes
+    the report; returns its summary."""
     result: dict = {}
     if run.world.is_main:
+        guard_note = trainer.guard.restore(lambda s: load_trainable_state(run.model, s)) if trainer.guard else None
         with atomic_directory(run.out / "adapter") as tmp:
             save_run_adapter(trainer.methods, run.model, tmp)
         result = write_run_report(
             run.out, run.cfg, before=before, after=measure(run), counts=trainer.counts, steps=trainer.total_steps,
             tokens_per_s=tokens_per_s, wall_s=time.perf_counter() - run.started, world_size=run.world.size,
+            tokenizer=run.tokenizer, guard_note=guard_note,
         )
     run.world.barrier()
     return result
@@ -309,6 +343,8 @@ def train(cfg: TrainConfig) -> dict:
         before = measure(run)
         trainer = build_trainer(run)
         start_step = resume(run, trainer)
+        if cfg.max_forgetting > 0 and world.is_main:
+            trainer.guard = ForgettingGuard(cfg.max_forgetting, before.probe_perplexity)
         metrics = MetricsLog(run.out / "metrics.jsonl", enabled=world.is_main, truncate_after=start_step)
 
         run.model.train()
@@ -321,7 +357,8 @@ def train(cfg: TrainConfig) -> dict:
             elapsed = time.perf_counter() - t0
             tokens_seen, train_time = tokens_seen + tokens, train_time + elapsed
             metrics.write({"step": step + 1, "loss": loss, "lr": trainer.scheduler.get_last_lr()[0],
-                           "tokens_per_s": tokens / elapsed, "step_s": elapsed, **maybe_evaluate(run, trainer, step)})
+                           "tokens_per_s": tokens / elapsed, "step_s": elapsed, **maybe_evaluate(run, trainer, step),
+                           **maybe_probe(run, trainer, step)})
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_seen / train_time:.0f}")
             bar.update(1)
             maybe_checkpoint(run, trainer, step, loss)

@@ -107,7 +107,10 @@ def choose_chunk(weight: torch.Tensor, tokens: int = 512) -> int:
     targets = torch.randint(0, vocab, (tokens,), generator=g)
 
     def run(chunk: int):
-        return lambda: LinearCrossEntropy.apply(hidden, head, targets, chunk).backward()
+        def step():
+            with torch.enable_grad():  # the first call may come from an evaluation under no_grad
+                LinearCrossEntropy.apply(hidden, head, targets, chunk).backward()
+        return step
 
     shapes = f"V{vocab} d{dim} {str(weight.dtype).replace('torch.', '')}"
     return int(choose("loss_chunk", shapes, {str(c): run(c) for c in CHUNK_CANDIDATES}, repeats=3))

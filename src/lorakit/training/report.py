@@ -7,6 +7,7 @@ from typing import Any
 
 from lorakit.core.fsutil import atomic_write_text
 from lorakit.training.evaluate import EvalResult
+from lorakit.training.knowledge import BehaviourKept, compare_behaviour
 
 
 class MetricsLog:
@@ -35,8 +36,8 @@ def _fmt(value: float | None, pct: bool = False) -> str:
     return f"{100 * value:.1f}%" if pct else f"{value:.4f}"
 
 
-def comparison_table(before: EvalResult, after: EvalResult) -> str:
-    """A Markdown table of before vs after."""
+def comparison_table(before: EvalResult, after: EvalResult, kept: BehaviourKept | None = None) -> str:
+    """A Markdown table of before vs after (with the behaviour probe's rows when `kept` is given)."""
     rows = [
         ("held-out loss", before.loss, after.loss, False),
         ("held-out perplexity", before.perplexity, after.perplexity, False),
@@ -49,7 +50,25 @@ def comparison_table(before: EvalResult, after: EvalResult) -> str:
             continue
         change = f"{100 * (a - b):+.1f} points" if pct else f"{100 * (a - b) / b:+.1f}%"
         lines.append(f"| {name} | {_fmt(b, pct)} | {_fmt(a, pct)} | {change} |")
+    if kept is not None:
+        lines.append(f"| general answers unchanged (behaviour probe, {kept.n_prompts} instructions) | 100.0% | "
+                     f"{100 * kept.unchanged:.1f}% | {100 * (kept.unchanged - 1):+.1f} points |")
+        lines.append(f"| general answers, token agreement | 100.0% | {100 * kept.token_agreement:.1f}% | "
+                     f"{100 * (kept.token_agreement - 1):+.1f} points |")
     return "\n".join(lines)
+
+
+def knowledge_section(kept: BehaviourKept | None, guard_note: str | None) -> list[str]:
+    """report.md's lines on what was kept: the guard's choice and a few general answers side by side."""
+    lines = ["## Knowledge kept", ""]
+    if guard_note:
+        lines += [f"Forgetting guard: {guard_note}", ""]
+    if kept is not None:
+        lines += ["| instruction | before | after |", "|---|---|---|"]
+        cell = lambda text: text.replace("|", "\\|").replace("\n", " ")  # noqa: E731
+        lines += [f"| {cell(q)} | {cell(b)} | {cell(a)} |" for q, b, a in kept.examples]
+        lines.append("")
+    return lines if len(lines) > 2 else []
 
 
 def plot_loss(metrics_path: Path, png_path: Path) -> None:
@@ -76,13 +95,22 @@ def plot_loss(metrics_path: Path, png_path: Path) -> None:
 
 
 def write_run_report(out: Path, cfg, before: EvalResult, after: EvalResult, counts, steps: int,
-                     tokens_per_s: float | None, wall_s: float, world_size: int) -> dict[str, Any]:
-    """Write report.md and loss.png, print the table, and return the run's summary."""
-    table = comparison_table(before, after)
+                     tokens_per_s: float | None, wall_s: float, world_size: int, tokenizer: Any = None,
+                     guard_note: str | None = None) -> dict[str, Any]:
+    """Write report.md and loss.png, print the table, and return the run's summary.
+
+    Args:
+        tokenizer: for the behaviour probe's token agreement (both results must hold behaviour answers).
+        guard_note: what the forgetting guard kept and why (--max-forgetting), or None.
+    """
+    kept = None
+    if tokenizer is not None and before.behaviour_answers is not None and after.behaviour_answers is not None:
+        kept = compare_behaviour(before.behaviour_answers, after.behaviour_answers, tokenizer)
+    table = comparison_table(before, after, kept)
     samples = "\n".join(f"- reference: `{ref}`\n  generated: `{gen}`" for ref, gen in getattr(after, "samples", []))
     text = "\n".join([
         f"# lorakit run: {out.name}", "",
-        f"- base model: `{cfg.model or 'default'}`; data: `{cfg.data or 'built-in order-record task'}`",
+        f"- base model: `{cfg.model or 'default'}`; data: `{cfg.data or 'built-in ' + cfg.task + ' task'}`",
         f"- LoRA r={cfg.r}, lora_alpha={cfg.lora_alpha}, targets={','.join(cfg.target_modules)}",
         f"- trainable parameters: {counts.trainable_params:,} of {counts.total_params:,} "
         f"({counts.trainable_percent:.2f}%)",
@@ -91,13 +119,15 @@ def write_run_report(out: Path, cfg, before: EvalResult, after: EvalResult, coun
         f"- wall time (load, evaluate, train, evaluate): {wall_s:.0f} s", "",
         "## Before vs after", "", table, "",
         "The forgetting probe is perplexity on English text that is not in the training data; "
-        "a small change means the pretrained knowledge was kept.", "",
-    ] + (["## Sample generations (after)", "", samples, ""] if samples else []))
+        "a small change means the pretrained knowledge was kept. The behaviour probe asks general "
+        "instructions (facts, arithmetic, short writing) and counts the greedy answers left unchanged.", "",
+    ] + knowledge_section(kept, guard_note) + (["## Sample generations (after)", "", samples, ""] if samples else []))
     atomic_write_text(out / "report.md", text)
     if (out / "metrics.jsonl").exists():
         plot_loss(out / "metrics.jsonl", out / "loss.png")
     print("\n" + table + f"\n\nreport: {out / 'report.md'}")
     summary = {"before": before.to_dict(), "after": after.to_dict(), "trainable_params": counts.trainable_params,
-               "total_params": counts.total_params, "steps": steps, "tokens_per_s": tokens_per_s, "wall_s": wall_s}
+               "total_params": counts.total_params, "steps": steps, "tokens_per_s": tokens_per_s, "wall_s": wall_s,
+               "knowledge": {"behaviour": kept.to_dict() if kept else None, "guard": guard_note}}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary

@@ -10,6 +10,10 @@ from lorakit.training.data.batching import pack
 from lorakit.training.data.records import load_records, split_heldout
 from lorakit.training.data.tokenize import tokenize_records
 from lorakit.training.tasks import builtin_task
+from lorakit.training.ticket_task import ticket_task
+
+# --task name -> the built-in task's generator
+BUILTIN_TASKS = {"orders": builtin_task, "tickets": ticket_task}
 
 if TYPE_CHECKING:
     from lorakit.training.config import TrainConfig
@@ -80,7 +84,7 @@ def load_datasets(cfg: TrainConfig, tokenizer: Any) -> Datasets:
     """
     fmt = None if cfg.format == "auto" else cfg.format
     if cfg.data is None:
-        train_records, eval_records = builtin_task(n_train=cfg.task_size, n_eval=cfg.eval_samples, seed=0)
+        train_records, eval_records = BUILTIN_TASKS[cfg.task](n_train=cfg.task_size, n_eval=cfg.eval_samples, seed=0)
         fmt = "instruction"
     else:
         train_records, fmt = load_records(cfg.data, fmt)

@@ -141,7 +141,6 @@ class Trainer:
 # ---- the steps --------------------------------------------------------------------------------------
 def setup_run(cfg: TrainConfig, world: World, started: float) -> Run:
     """Load the base model (in the compute dtype, quantized if asked) and the data; write config.yaml."""
-
     torch.manual_seed(cfg.seed)
     dtype = compute_dtype(cfg.precision, world.device)
     with main_first(world):  # rank 0 converts and caches a GGUF model once

@@ -20,6 +20,7 @@ from lorakit.core.quantize import (
     quantize_model,
     tensor_bytes,
 )
+from lorakit.methods.lora import LoraOptions
 from lorakit.training.config import TrainConfig
 
 MODES = ["nf4", "int8"]
@@ -155,7 +156,7 @@ def test_quantize_errors():
     with pytest.raises(LorakitError, match="not a bitsandbytes"):
         dequantized_weight(nn.Linear(4, 4))
     with pytest.raises(LorakitError, match="pissa"):
-        TrainConfig(quantize="nf4", init_lora_weights="pissa")
+        TrainConfig(quantize="nf4", lora=LoraOptions(init_lora_weights="pissa"))
 
 
 # ---- the command line ---------------------------------------------------------------------------------

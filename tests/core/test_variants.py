@@ -6,6 +6,7 @@ from conftest import input_ids, randomize_lora, tiny_gpt2, tiny_llama
 
 import lorakit
 from lorakit import LoraConfig, apply
+from lorakit.methods.lora import LoraMethod, LoraOptions
 from lorakit.training.config import TrainConfig
 from lorakit.training.loop import make_optimizer
 
@@ -76,7 +77,8 @@ def test_loraplus_groups_and_step_match_peft():
     peft_model = get_peft_model(copy.deepcopy(base), _peft_config(target_modules=targets))
     same_factors = {k.replace(".default", ".default.weight"): v for k, v in model.state_dict().items() if "lora_" in k}
     assert not peft_model.base_model.model.load_state_dict(same_factors, strict=False).unexpected_keys
-    ours = make_optimizer(model, TrainConfig(lr=1e-3, loraplus_lr_ratio=16))
+    cfg = TrainConfig(lr=1e-3, lora=LoraOptions(loraplus_lr_ratio=16))
+    ours = make_optimizer(model, cfg, [LoraMethod(cfg)])
     theirs = create_loraplus_optimizer(peft_model, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16, weight_decay=0.0)
 
     def lr_by_factor(optimizer, named):

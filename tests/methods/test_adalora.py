@@ -11,8 +11,10 @@ from safetensors.torch import load_file
 import lorakit
 from lorakit import LorakitError
 from lorakit.cli.main import main
-from lorakit.methods.adalora import AdaLoraMethod, budget_at, select_triplets
+from lorakit.methods.adalora import AdaLoraMethod, AdaLoraOptions, budget_at, select_triplets
+from lorakit.methods.lora import LoraOptions
 from lorakit.training.config import TrainConfig
+from lorakit.training.config_file import build_config
 
 FAST = ["--eval-samples", "2", "--max-new-tokens", "4", "--precision", "fp32", "--warmup-steps", "1"]
 
@@ -34,8 +36,8 @@ def test_select_triplets_keeps_exactly_the_budget():
 
 
 def run_adalora(model, steps=10, **overrides):
-    cfg = TrainConfig(method="adalora", init_r=6, target_r=2, prune_start=0.2, prune_end=0.6,
-                      target_modules=["q_proj", "v_proj", "down_proj"], **overrides)
+    cfg = TrainConfig(method="adalora", adalora=AdaLoraOptions(init_r=6, target_r=2, prune_start=0.2, prune_end=0.6),
+                      lora=LoraOptions(target_modules=["q_proj", "v_proj", "down_proj"]), **overrides)
     method = AdaLoraMethod(cfg)
     method.apply(model, "tiny-llama")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
@@ -77,10 +79,10 @@ def test_bad_settings_are_refused():
     for bad, match in ((dict(init_r=2, target_r=4), "target-r"), (dict(prune_start=0.8, prune_end=0.5), "prune"),
                        (dict(importance_beta=1.0), "importance-beta"), (dict(init_lora_weights="pissa"), "pissa")):
         with pytest.raises(LorakitError, match=match):
-            TrainConfig(method="adalora", **bad)
-    TrainConfig(method="lora", init_r=2, target_r=4)  # AdaLoRA's fields do not matter to other methods
+            build_config(TrainConfig, {"method": "adalora", **bad})
+    TrainConfig(method="lora", adalora=AdaLoraOptions(init_r=2, target_r=4))  # AdaLoRA's fields do not matter to other methods
     with pytest.raises(LorakitError, match="linear layers only"):
-        AdaLoraMethod(TrainConfig(method="adalora", target_modules=["embed_tokens"])).apply(tiny_llama(), "x")
+        AdaLoraMethod(TrainConfig(method="adalora", lora=LoraOptions(target_modules=["embed_tokens"]))).apply(tiny_llama(), "x")
 
 
 def test_train_cli_saves_the_budget_and_resumes_identically(tiny_model_dir, task_files, tmp_path):

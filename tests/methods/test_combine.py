@@ -11,25 +11,28 @@ from lorakit.core import io
 from lorakit.methods import combine, prefix
 from lorakit.methods.registry import make_methods
 from lorakit.training.config import TrainConfig
+from lorakit.training.config_file import build_config
 from lorakit.training.loop import make_optimizer
 
 
 def _combined(method, **cfg):
     # LoRA on q/o: disjoint from IA3's defaults (k, v, down)
-    cfg = TrainConfig(**{"method": method, "target_modules": ["q_proj", "o_proj"], "num_virtual_tokens": 3, **cfg})
+    cfg = build_config(TrainConfig, {"method": method, "target_modules": ["q_proj", "o_proj"], "num_virtual_tokens": 3, **cfg})
     model = tiny_llama()
     methods = make_methods(cfg)
-    return model, methods, combine.apply_methods(methods, model, "tiny"), cfg
+    combine.apply_methods(methods, model, "tiny")
+    return model, methods, cfg
 
 
 def test_two_methods_train_together_and_reload(tmp_path):
     from peft import PeftModel
 
-    model, methods, owners, cfg = _combined("lora+prefix", lr=1e-2)
-    assert list(owners) == ["lora", "prefix"] and all(p.requires_grad for ps in owners.values() for p in ps)
-    optimizer = make_optimizer(model, cfg, owners)
+    model, methods, cfg = _combined("lora+prefix", lr=1e-2)
+    owned = {m.name: [p for g in m.parameter_groups(model) for p in g.params] for m in methods}
+    assert list(owned) == ["lora", "prefix"] and all(p.requires_grad for ps in owned.values() for p in ps)
+    optimizer = make_optimizer(model, cfg, methods)
     lrs = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
-    assert lrs[id(owners["prefix"][0])] == pytest.approx(cfg.lr * cfg.method_lr_ratio["prefix"])
+    assert lrs[id(owned["prefix"][0])] == pytest.approx(cfg.lr * prefix.PrefixMethod.lr_ratio)
     start = prefix.prefix_encoder(model).prompt_embeddings.detach().clone()
     ids = input_ids()
     model.train()
@@ -56,7 +59,7 @@ def test_two_methods_train_together_and_reload(tmp_path):
 
 
 def test_merge_where_the_math_allows_and_refuse_where_not():
-    model, _, _, _ = _combined("lora+ia3")
+    model, _, _ = _combined("lora+ia3")
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name or "ia3_l" in name:
@@ -67,7 +70,7 @@ def test_merge_where_the_math_allows_and_refuse_where_not():
     assert not any(type(m).__module__.startswith("lorakit") for m in merged.modules())
     torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-5, atol=1e-5)
 
-    model, _, _, _ = _combined("lora+prefix")
+    model, _, _ = _combined("lora+prefix")
     with pytest.raises(LorakitError, match=r"a prefix \(prefix tuning\), which cannot be merged"):
         combine.merge_and_unload(model)
     assert prefix.prefix_encoder(model) is not None and any(hasattr(m, "lora_A") for m in model.modules())

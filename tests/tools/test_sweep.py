@@ -5,6 +5,7 @@ import pytest
 
 from lorakit import LorakitError
 from lorakit.cli.main import main
+from lorakit.methods.lora import LoraOptions
 from lorakit.tools.sweep import SweepConfig, choose, run_configs, sweep_table
 
 FAST = ["--eval-samples", "2", "--max-new-tokens", "4", "--precision", "fp32", "--warmup-steps", "1"]
@@ -35,10 +36,10 @@ def test_choice_is_the_cheapest_within_tolerance():
 
 def test_each_value_becomes_a_train_config(tmp_path):
     runs = run_configs(SweepConfig(output=str(tmp_path), ranks=[2, 8], lr=3e-3, seed=7))
-    assert list(runs) == ["r=2", "r=8"] and [c.r for c in runs.values()] == [2, 8]
+    assert list(runs) == ["r=2", "r=8"] and [c.lora.r for c in runs.values()] == [2, 8]
     assert all(c.lr == 3e-3 and c.seed == 7 for c in runs.values()) and runs["r=8"].output == str(tmp_path / "r8")
-    runs = run_configs(SweepConfig(output=str(tmp_path), methods=["lora", "adalora"], r=4))
-    assert [(c.method, c.r) for c in runs.values()] == [("lora", 4), ("adalora", 4)]
+    runs = run_configs(SweepConfig(output=str(tmp_path), methods=["lora", "adalora"], lora=LoraOptions(r=4)))
+    assert [(c.method, c.lora.r) for c in runs.values()] == [("lora", 4), ("adalora", 4)]
     with pytest.raises(LorakitError, match="unknown method"):
         run_configs(SweepConfig(methods=["lora", "nope"]))
     for bad in (dict(), dict(ranks=[1], methods=["lora"]), dict(ranks=[0]), dict(ranks=[2, 2])):

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from lorakit.core.errors import LorakitError
+from lorakit.methods.lora import LoraOptions
 from lorakit.training.config import TrainConfig
 from lorakit.training.config_file import (
     build_config,
@@ -65,8 +66,8 @@ def test_nested_groups_round_trip(tmp_path):
 
 
 def test_train_config_round_trips(tmp_path):
-    cfg = TrainConfig(model="m", r=4, lora_alpha=1e-4, target_modules=["q_proj", "v_proj"], quantize="nf4",
-                      method_lr_ratio={"ia3": 3.0}, epochs=2.5, gradient_checkpointing=True, device=None)
+    cfg = TrainConfig(model="m", lora=LoraOptions(r=4, lora_alpha=1e-4, target_modules=["q_proj", "v_proj"]),
+                      quantize="nf4", method_lr_ratio={"ia3": 3.0}, epochs=2.5, gradient_checkpointing=True, device=None)
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(TrainConfig, tmp_path / "config.yaml") == cfg
     assert config_to_yaml(cfg).count("\n# ") + 1 == len(config_fields(TrainConfig))  # every option documented

@@ -96,6 +96,25 @@ def unmerge(model: nn.Module) -> None:
         layer.unmerge()
 
 
+def check_mergeable(model: nn.Module) -> list[tuple[str, LoraLayer]]:
+    """Refuse what `merge_and_unload` would refuse, changing nothing: no LoRA layer, a LoRA layer on a
+    weight tied to another module, or an active update holding NaN/Inf.
+
+    Returns:
+        The model's LoRA layers, (name, layer).
+
+    Raises:
+        LorakitError: naming the module or adapter and what to do.
+    """
+    layers = require_lora(model, "merge_and_unload")
+    _refuse_tied(model, layers)
+    for _, layer in layers:  # check all before writing any
+        for name in layer.active_adapters:
+            if not torch.isfinite(layer.delta_weight(name)).all():
+                raise LorakitError(f"adapter {name!r} holds NaN/Inf; refusing to merge it into the weights.")
+    return layers
+
+
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Fold the active adapters into the weights and give back the plain base architecture.
 
@@ -106,14 +125,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     Raises:
         LorakitError: if an update holds NaN/Inf (nothing is changed then).
     """
-    layers = require_lora(model, "merge_and_unload")
-    _refuse_tied(model, layers)
-    for _, layer in layers:
-        layer.unmerge()
-    for _, layer in layers:  # check all before writing any
-        for name in layer.active_adapters:
-            if not torch.isfinite(layer.delta_weight(name)).all():
-                raise LorakitError(f"adapter {name!r} holds NaN/Inf; refusing to merge it into the weights.")
+    for _, layer in require_lora(model, "merge_and_unload"):
+        layer.unmerge()  # the checks below see each update against the unmerged weight (DoRA's norms)
+    check_mergeable(model)
     # A quantized (QLoRA) base is dequantized to its compute dtype first: an update is never rounded into 4 bits.
     dequantize_model(model)
     for module_name, module in list(model.named_modules()):

@@ -19,16 +19,40 @@ per module, which PEFT and plain lorakit load.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.core.active import lora_configs
+from lorakit.core.config import config_for_ranks, file_scaling
 from lorakit.core.errors import LorakitError
+from lorakit.core.inject import find_targets
+from lorakit.core.io import PREFIX, write_adapter_files
 from lorakit.core.layers import Linear, LoraLayer
+from lorakit.methods.base import ParameterGroup, options_from
+from lorakit.methods.lora import ADAPTER, LoraMethod, LoraOptions, lora_groups
 
-ADAPTER = "default"
+
+@dataclass
+class AdaLoraOptions:
+    """AdaLoRA's rank schedule (its targets, scaling and dropout are the LoRA options')."""
+
+    init_r: int = 12
+    """AdaLoRA (--method adalora): singular triplets per module at the start."""
+    target_r: int = 4
+    """AdaLoRA: average triplets per module left after pruning (the total budget is target_r x modules)."""
+    prune_start: float = 0.1
+    """AdaLoRA: fraction of the run before pruning starts (importance scores warm up)."""
+    prune_end: float = 0.7
+    """AdaLoRA: fraction of the run at which the budget reaches target_r; the kept set is fixed after it."""
+    importance_beta: float = 0.85
+    """AdaLoRA: smoothing of the importance scores and their uncertainty (exponential moving averages)."""
+    orth_reg_weight: float = 0.5
+    """AdaLoRA: weight of the penalty keeping the singular vectors orthonormal."""
 
 
 class SVDLinear(Linear):
@@ -77,24 +101,25 @@ class SVDLinear(Linear):
         return {"lora_A.weight": A, "lora_B.weight": B * self.lora_E[name][None, :]}
 
 
-def check_config(cfg: "RunOptions") -> None:
+def check_config(lora: LoraOptions, options: AdaLoraOptions) -> None:
     """Reject AdaLoRA settings that cannot work, before any model is loaded.
 
     Raises:
         LorakitError: naming the flag and the accepted range.
     """
-    if not 1 <= cfg.target_r <= cfg.init_r:
-        raise LorakitError(f"AdaLoRA needs 1 <= --target-r <= --init-r; got --target-r {cfg.target_r}, --init-r {cfg.init_r}.")
-    if not 0 <= cfg.prune_start < cfg.prune_end <= 1:
+    if not 1 <= options.target_r <= options.init_r:
+        raise LorakitError(f"AdaLoRA needs 1 <= --target-r <= --init-r; got --target-r {options.target_r}, "
+                           f"--init-r {options.init_r}.")
+    if not 0 <= options.prune_start < options.prune_end <= 1:
         raise LorakitError(
             f"AdaLoRA needs 0 <= --prune-start < --prune-end <= 1 (fractions of the run); "
-            f"got {cfg.prune_start} and {cfg.prune_end}."
+            f"got {options.prune_start} and {options.prune_end}."
         )
-    if not 0 <= cfg.importance_beta < 1:
-        raise LorakitError(f"--importance-beta must be in [0, 1), e.g. 0.85; got {cfg.importance_beta}.")
-    if cfg.orth_reg_weight < 0:
-        raise LorakitError(f"--orth-reg-weight must be >= 0, e.g. 0.5; got {cfg.orth_reg_weight}.")
-    if cfg.init_lora_weights == "pissa":
+    if not 0 <= options.importance_beta < 1:
+        raise LorakitError(f"--importance-beta must be in [0, 1), e.g. 0.85; got {options.importance_beta}.")
+    if options.orth_reg_weight < 0:
+        raise LorakitError(f"--orth-reg-weight must be >= 0, e.g. 0.5; got {options.orth_reg_weight}.")
+    if lora.init_lora_weights == "pissa":
         raise LorakitError("--init-lora-weights pissa does not apply to AdaLoRA (it has its own init); drop the flag.")
 
 
@@ -142,14 +167,17 @@ def select_triplets(scores: list[torch.Tensor], budget: int) -> list[torch.Tenso
     return list(keep.split([s.numel() for s in scores]))
 
 
-class AdaLoraMethod:
-    """The `Method` that `lorakit train --method adalora` runs (see the module docstring)."""
+class AdaLoraMethod(LoraMethod):
+    """`--method adalora` (see the module docstring): a LoRA whose per-module ranks are learned. It reads the
+    run's AdaLoraOptions and LoraOptions, and writes, loads, merges and describes itself as a LoRA."""
 
     name = "adalora"
+    options = AdaLoraOptions
 
-    def __init__(self, cfg: "RunOptions") -> None:
-        check_config(cfg)
-        self.cfg = cfg
+    def __init__(self, cfg: Any) -> None:
+        self.adalora = options_from(cfg, AdaLoraOptions)
+        check_config(options_from(cfg, LoraOptions), self.adalora)
+        super().__init__(cfg)
         self.layers: list[tuple[str, SVDLinear]] = []
         self.kept: dict[str, torch.Tensor] = {}         # module path -> (R,) bool; absent: all kept
         self.final = False                              # the kept set is fixed (the budget reached its target)
@@ -161,11 +189,7 @@ class AdaLoraMethod:
     # ---- Method ---------------------------------------------------------------------------------------
     def apply(self, model: nn.Module, source: str) -> None:
         """Wrap every targeted linear layer in an `SVDLinear` with R = init_r; freeze everything else."""
-        from lorakit.core.active import lora_configs
-        from lorakit.core.inject import find_targets
-        from lorakit.methods.registry import lora_config
-
-        config = lora_config(self.cfg, source).replace(r=self.cfg.init_r)
+        config = self.config.replace(r=self.adalora.init_r, base_model_name_or_path=source)
         for target in find_targets(model, config):
             if isinstance(target.module, LoraLayer):
                 raise LorakitError(f"{target.name} already has LoRA; AdaLoRA cannot share a module with another method.")
@@ -188,16 +212,20 @@ class AdaLoraMethod:
                 param.register_post_accumulate_grad_hook(self._remember_grad)
             layer.lora_E[ADAPTER].register_post_accumulate_grad_hook(self._remember_start)
 
+    def parameter_groups(self, model: nn.Module) -> list[ParameterGroup]:
+        """P (lora_B) at --loraplus-lr-ratio as LoRA's B; Q and lambda at 1."""
+        return lora_groups([layer for _, layer in self.layers], self.lora.loraplus_lr_ratio)
+
     def regularizer(self, model: nn.Module) -> torch.Tensor | None:
         """orth_reg_weight x the mean of ||Q Q^T - I||_F and ||P^T P - I||_F over modules."""
-        if self.cfg.orth_reg_weight == 0:
+        if self.adalora.orth_reg_weight == 0:
             return None
         total = 0.0
         for _, layer in self.layers:
             A, B = layer.factors(ADAPTER)
             eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
             total = total + torch.linalg.matrix_norm(A @ A.T - eye) + torch.linalg.matrix_norm(B.T @ B - eye)
-        return self.cfg.orth_reg_weight * total / (2 * len(self.layers))
+        return self.adalora.orth_reg_weight * total / (2 * len(self.layers))
 
     @torch.no_grad()
     def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
@@ -209,11 +237,12 @@ class AdaLoraMethod:
             return
         scores = self._update_scores()
         n = len(self.layers)
-        budget = budget_at(step, total_steps, self.cfg.init_r * n, self.cfg.target_r * n,
-                           self.cfg.prune_start, self.cfg.prune_end)
-        if budget == self.cfg.init_r * n:
+        options = self.adalora
+        budget = budget_at(step, total_steps, options.init_r * n, options.target_r * n,
+                           options.prune_start, options.prune_end)
+        if budget == options.init_r * n:
             return
-        self.final = budget == self.cfg.target_r * n
+        self.final = budget == options.target_r * n
         if resumed and self.final:
             # Past the pruning phase the checkpoint's lambdas hold the fixed kept set (see _remember_start).
             masks = [self._start_kept[layer.lora_E[ADAPTER]] for _, layer in self.layers]
@@ -224,10 +253,6 @@ class AdaLoraMethod:
 
     def save(self, model: nn.Module, directory: Path) -> None:
         """Write the kept triplets as a standard LoRA adapter with per-module ranks (PEFT format)."""
-        from lorakit.core.active import lora_configs
-        from lorakit.core.config import config_for_ranks, file_scaling
-        from lorakit.core.io import PREFIX, write_adapter_files
-
         kept = {name: self.kept.get(name, torch.ones(layer.r[ADAPTER], dtype=torch.bool)) for name, layer in self.layers}
         ranks = {name: int(mask.sum()) for name, mask in kept.items() if mask.any()}
         config = config_for_ranks(lora_configs(model)[ADAPTER], ranks, same_targets=len(ranks) == len(self.layers))
@@ -264,7 +289,7 @@ class AdaLoraMethod:
         grad = self._grads.pop(param, None)
         sensitivity = (param * grad).abs() if grad is not None else torch.zeros_like(param)
         ibar, ubar = self._ema.get(param, (torch.zeros_like(param), torch.zeros_like(param)))
-        beta = self.cfg.importance_beta
+        beta = self.adalora.importance_beta
         ibar = beta * ibar + (1 - beta) * sensitivity
         ubar = beta * ubar + (1 - beta) * (sensitivity - ibar).abs()
         self._ema[param] = (ibar, ubar)

@@ -15,7 +15,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ from lorakit.core.config import config_from_dict
 from lorakit.core.errors import LorakitError
 from lorakit.core.io import PREFIX, load_method_files, save_method_files
 from lorakit.core.matching import name_matches
+from lorakit.methods.base import ModuleFunctions, ModuleMethod
 
 PEFT_TYPE = "BOTTLENECK"
 _CONFIG_KEY = "lorakit_bottleneck_config"
@@ -190,3 +191,30 @@ def remove(model: nn.Module) -> nn.Module:
         del model.get_submodule(name).bottleneck
     model.__dict__.pop(_CONFIG_KEY, None)
     return model
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The names of the model's bottleneck adapter modules (`<host>.bottleneck`)."""
+    return [name for name, module in model.named_modules() if isinstance(module, Bottleneck)]
+
+
+@dataclass
+class BottleneckOptions:
+    """`--method adapter`'s options."""
+
+    bottleneck_size: int = 32
+    """Bottleneck adapters (--method adapter): inner width of each adapter."""
+    adapter_placement: Literal["both", "attention", "mlp"] = "both"
+    """Bottleneck adapters: after each block's attention, its MLP, or both."""
+
+
+class BottleneckMethod(ModuleMethod):
+    """`--method adapter`: bottleneck adapters, which stay modules (never merged)."""
+
+    name, options, peft_type, title = "adapter", BottleneckOptions, PEFT_TYPE, "bottleneck adapters"
+    functions = ModuleFunctions(BottleneckConfig.from_dict, apply, save, load, adapter_names)
+    described = ("bottleneck_size", "nonlinearity", "target_modules")
+
+    @staticmethod
+    def configure(options: BottleneckOptions) -> BottleneckConfig:
+        return BottleneckConfig(bottleneck_size=options.bottleneck_size, placement=options.adapter_placement)

@@ -9,75 +9,59 @@ method's in a subdirectory named after it, and `lorakit_methods.json` listing th
                                                                            {"name": "prefix", "path": "prefix"}]}
 
 Every part is a complete adapter directory of its method, in PEFT's format where PEFT has the method.
-Merging: LoRA, DoRA and IA3 fold into the weights; prefix and prompt tuning and bottleneck adapters are
-not weight updates, and `merge_and_unload` refuses them by name.
+Merging folds the methods that are weight updates (`Method.mergeable`) and refuses a model that also
+holds one that is not.
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Callable
-
 from torch import nn
 
-from lorakit.core.active import lora_layers
-from lorakit.core.adapters import merge_and_unload as merge_lora
 from lorakit.core.errors import LorakitError
 from lorakit.core.fsutil import atomic_write_text
-from lorakit.core.io import CONFIG_NAME, load_adapter, read_config_json
-from lorakit.methods import bottleneck, ia3, prefix, prompt_tuning
+from lorakit.core.io import CONFIG_NAME, WEIGHTS_NAME, read_adapter_tensors, read_config_json
+from lorakit.methods.base import Method, Row, Shapes
+from lorakit.methods.registry import LOADERS, loader_for
 
 MANIFEST = "lorakit_methods.json"
 
-# peft_type in adapter_config.json -> how to load that part: (model, directory, is_trainable) -> model
-LOADERS: dict[str, Callable[[nn.Module, Path, bool], nn.Module]] = {
-    "LORA": lambda model, directory, trainable: load_adapter(model, directory, is_trainable=trainable),
-    "IA3": ia3.load,
-    "PREFIX_TUNING": prefix.load,
-    "PROMPT_TUNING": prompt_tuning.load,
-    "BOTTLENECK": bottleneck.load,
-}
 
-
-def apply_methods(methods: list, model: nn.Module, source: str) -> dict[str, list[nn.Parameter]]:
+def apply_methods(methods: list[Method], model: nn.Module, source: str) -> None:
     """Apply `methods` to `model` in order and keep every method's parameters trainable.
 
-    Each method's apply freezes the rest of the model, earlier methods' parameters included: what each
-    one left trainable is collected and switched back on at the end.
+    Each method's apply freezes the rest of the model, earlier methods' parameters included: each
+    method's parameter groups are switched back on at the end.
 
     Args:
-        methods: objects with the `lorakit.methods.Method` shape.
+        methods: `lorakit.methods.base.Method` instances.
         source: the base model's name or path, recorded in the adapter configs.
-
-    Returns:
-        {method name: its trainable parameters}, in order.
 
     Raises:
         LorakitError: a method's own error, or two methods adapting the same module.
     """
-    owned: dict[str, list[nn.Parameter]] = {}
     for method in methods:
         method.apply(model, source)
-        seen = {id(p) for params in owned.values() for p in params}
-        owned[method.name] = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
-    for params in owned.values():
-        for param in params:
-            param.requires_grad_(True)
-    _check_disjoint(model)
-    return owned
+    for method in methods:
+        for group in method.parameter_groups(model):
+            for param in group.params:
+                param.requires_grad_(True)
+    _check_disjoint(model, methods)
 
 
-def _check_disjoint(model: nn.Module) -> None:
-    # LoRA's "all-linear" finds the linear layer inside an IA3 wrapper: one module would carry both.
-    ia3_names = [name for name, _ in ia3.ia3_layers(model)]
-    for name, _ in lora_layers(model):
-        inside = next((i for i in ia3_names if name.startswith(i + ".")), None)
-        if inside is not None:
-            raise LorakitError(f"LoRA and IA3 both adapt {inside}; give them disjoint target modules "
-                               "(e.g. --target-modules q_proj,o_proj,gate_proj,up_proj with IA3's defaults).")
+def _check_disjoint(model: nn.Module, methods: list[Method]) -> None:
+    # A method wrapping a module another one wrapped (LoRA's "all-linear" finds the linear layer inside an
+    # IA3 wrapper) would put both on one module.
+    owned = [(type(m), name) for m in methods for name in dict.fromkeys(type(m).parts(model))]
+    for kind, name in owned:
+        outer = next(((k, o) for k, o in owned if k is not kind and (name == o or name.startswith(o + "."))), None)
+        if outer is not None:
+            raise LorakitError(f"{kind.title} and {outer[0].title} both adapt {outer[1]}; "
+                               "give the methods disjoint target modules.")
 
 
-def save_methods(methods: list, model: nn.Module, directory: str | Path) -> Path:
+def save_methods(methods: list[Method], model: nn.Module, directory: str | Path) -> Path:
     """Write what `methods` trained into `directory`: one method's files as they are, several in the
     layout of this module's docstring.
 
@@ -97,20 +81,27 @@ def save_methods(methods: list, model: nn.Module, directory: str | Path) -> Path
     return directory
 
 
-def _parts(directory: Path) -> list[Path]:
+def parts_of(directory: str | Path) -> list[tuple[str, Path]]:
+    """(method name, directory) of each part of an adapter directory: itself (named after the method that
+    reads it) or, for several methods, the parts its manifest lists.
+
+    Raises:
+        LorakitError: a corrupt manifest, or a missing/corrupt adapter_config.json.
+    """
+    directory = Path(directory)
     manifest = directory / MANIFEST
     if not manifest.is_file():
-        return [directory]
+        return [(loader_for(read_config_json(directory), str(directory)).name, directory)]
     try:
         entries = json.loads(manifest.read_text())["methods"]
-        return [directory / entry["path"] for entry in entries]
+        return [(entry["name"], directory / entry["path"]) for entry in entries]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise LorakitError(f"{manifest} is corrupt ({e}); save the adapter again.") from e
 
 
 def load(model: nn.Module, directory: str | Path, is_trainable: bool = False) -> nn.Module:
-    """Add the adapter in `directory` to `model`: one method's (LoRA, DoRA, IA3, prefix, prompt,
-    bottleneck; written by lorakit or PEFT), or several saved together by `save_methods`.
+    """Add the adapter in `directory` to `model`: one method's (any in lorakit.methods.registry; written
+    by lorakit or PEFT), or several saved together by `save_methods`.
 
     Args:
         is_trainable: keep every part's parameters trainable (to continue training); default: all frozen.
@@ -122,12 +113,8 @@ def load(model: nn.Module, directory: str | Path, is_trainable: bool = False) ->
         LorakitError: missing/corrupt files, an unknown peft_type, or tensors that do not fit the model.
     """
     trainable: list[nn.Parameter] = []
-    for part in _parts(Path(directory)):
-        peft_type = read_config_json(part).get("peft_type", "LORA")
-        if peft_type not in LOADERS:
-            raise LorakitError(f"{part / CONFIG_NAME}: peft_type {peft_type!r} is not one lorakit reads; "
-                               f"it reads {', '.join(LOADERS)}.")
-        LOADERS[peft_type](model, part, is_trainable)
+    for _, part in parts_of(directory):
+        loader_for(read_config_json(part), str(part)).load(model, part, is_trainable)
         trainable += [p for p in model.parameters() if p.requires_grad]  # the next part's load freezes them
     for param in trainable:
         param.requires_grad_(True)
@@ -136,33 +123,73 @@ def load(model: nn.Module, directory: str | Path, is_trainable: bool = False) ->
 
 def base_model_of(directory: str | Path) -> str | None:
     """The base model recorded in an adapter directory (single or combined)."""
-    return read_config_json(_parts(Path(directory))[0]).get("base_model_name_or_path")
+    return read_config_json(parts_of(directory)[0][1]).get("base_model_name_or_path")
+
+
+def _read_part(part: Path) -> tuple[type[Method], dict, Shapes]:
+    config = read_config_json(part)
+    shapes = {key: tuple(t.shape) for key, t in read_adapter_tensors(part).items()}
+    return loader_for(config, str(part)), config, shapes
+
+
+def describe_methods(directory: str | Path) -> list[tuple[str, list[Row]]]:
+    """(method name, its `describe` rows) for each part of an adapter directory.
+
+    Raises:
+        LorakitError: missing/corrupt files or an unknown peft_type.
+    """
+    described = []
+    for name, part in parts_of(directory):
+        kind, config, shapes = _read_part(part)
+        described.append((name, kind.describe(config, shapes)))
+    return described
+
+
+def describe_adapter(directory: str | Path) -> list[Row]:
+    """What `lorakit info` shows for an adapter directory of any method or several: the base model, each
+    part's peft_type and `describe` rows (prefixed "name." when there are several), the parameter
+    count and the size of the files.
+
+    Raises:
+        LorakitError: missing/corrupt files or an unknown peft_type.
+    """
+    directory = Path(directory)
+    parts = parts_of(directory)
+    rows: list[Row] = [("base_model", base_model_of(directory))]
+    if len(parts) > 1:
+        rows.append(("methods", "+".join(name for name, _ in parts)))
+    n_params, n_bytes = 0, (directory / MANIFEST).stat().st_size if len(parts) > 1 else 0
+    for name, part in parts:
+        kind, config, shapes = _read_part(part)
+        label = f"{name}." if len(parts) > 1 else ""
+        rows += [(label + key, value) for key, value in [("peft_type", kind.peft_type), *kind.describe(config, shapes)]]
+        n_params += sum(math.prod(shape) for shape in shapes.values())
+        n_bytes += (part / WEIGHTS_NAME).stat().st_size + (part / CONFIG_NAME).stat().st_size
+    return rows + [("parameters", n_params), ("file_bytes", n_bytes)]
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Fold LoRA, DoRA and IA3 into the weights and return the plain architecture.
+    """Fold every method in `model` that is a weight update (LoRA, DoRA, AdaLoRA, IA3) into the weights
+    and return the plain architecture.
 
     Raises:
-        LorakitError: the model also holds a prefix, a prompt or bottleneck adapters, which no weight can
-            absorb (nothing is changed then; lorakit.merge_and_unload or lorakit.methods.ia3.merge_and_unload fold
-            just their part and leave the rest as modules), or it holds nothing to merge.
+        LorakitError: the model also holds a method that no weight can absorb (a prefix, a prompt,
+            bottleneck adapters), a mergeable part refuses (NaN/Inf, a quantized or tied weight), or
+            the model holds nothing to merge; nothing is changed then.
     """
-    unmergeable = [what for what, present in (("a prefix (prefix tuning)", prefix.prefix_encoder(model)),
-                                              ("a prompt (prompt tuning)", prompt_tuning.prompt_embedding(model)),
-                                              ("bottleneck adapters", bottleneck.bottlenecks(model))) if present]
-    if unmergeable:
+    present = [kind for kind in LOADERS.values() if kind.parts(model)]
+    refused = [kind.title for kind in present if not kind.mergeable]
+    if refused:
         raise LorakitError(
-            f"the model holds {' and '.join(unmergeable)}, which cannot be merged into weights: they add tokens "
-            "or nonlinear modules, not weight updates. Keep the model unmerged (lorakit.merge_and_unload and "
-            "lorakit.methods.ia3.merge_and_unload fold just the LoRA/IA3 part and leave the rest as modules)."
+            f"the model holds {' and '.join(refused)}, which cannot be merged into weights: they add tokens "
+            "or nonlinear modules, not weight updates. Keep the model unmerged, or merge just the other "
+            "parts with their own merge (e.g. lorakit.merge_and_unload for LoRA)."
         )
-    has_lora, has_ia3 = bool(list(lora_layers(model))), bool(ia3.ia3_layers(model))
-    if not (has_lora or has_ia3):
-        raise LorakitError("the model holds no LoRA, DoRA or IA3 adapter to merge.")
-    if has_ia3:
-        ia3.check_mergeable(model)  # before LoRA merges: a refusal must leave the model unchanged
-    if has_lora:
-        merge_lora(model)
-    if has_ia3:
-        ia3.merge_and_unload(model)
+    if not present:
+        mergeable = [kind.title for kind in LOADERS.values() if kind.mergeable]
+        raise LorakitError(f"the model holds nothing to merge (no {' or '.join(mergeable)}).")
+    for kind in present:  # every check before any merge: a refusal leaves the model unchanged
+        kind.check_merge(model)
+    for kind in present:
+        kind.merge(model)
     return model

@@ -12,7 +12,7 @@ One IA3 adapter per model.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from lorakit.core.inject import named_candidates
 from lorakit.core.io import PREFIX, load_method_files, save_method_files
 from lorakit.core.layers import LoraLayer, is_transposed_linear
 from lorakit.core.matching import is_linear, name_matches
+from lorakit.methods.base import ModuleFunctions, ModuleMethod, Row, Shapes
 
 PEFT_TYPE = "IA3"
 _CONFIG_KEY = "lorakit_ia3_config"
@@ -222,3 +223,43 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         model.set_submodule(name, layer.merged_base())
     model.__dict__.pop(_CONFIG_KEY, None)
     return model
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    """The names of the model's IA3 layers."""
+    return [name for name, _ in ia3_layers(model)]
+
+
+@dataclass
+class IA3Options:
+    """`--method ia3`'s options."""
+
+    ia3_target_modules: list[str] = field(default_factory=list)
+    """IA3: modules whose activations it rescales; empty: PEFT's defaults for the model (Llama: k_proj,v_proj,down_proj)."""
+    ia3_feedforward_modules: list[str] = field(default_factory=list)
+    """IA3: the targets whose input (not output) it rescales; empty: the defaults (Llama: down_proj)."""
+
+
+class IA3Method(ModuleMethod):
+    """`--method ia3`: IA3 vectors on the targets; they fold into the weights when merged."""
+
+    name, options, peft_type, title = "ia3", IA3Options, PEFT_TYPE, "IA3 vectors"
+    # One vector per layer: far fewer numbers than LoRA's factors, which need larger steps (4e-3 at the
+    # default --lr 2e-4).
+    lr_ratio = 20.0
+    mergeable = True
+    functions = ModuleFunctions(IA3Config.from_dict, apply, save, load, layer_names)
+    described = ("target_modules", "feedforward_modules")
+
+    @staticmethod
+    def configure(options: IA3Options) -> IA3Config:
+        return IA3Config(target_modules=options.ia3_target_modules or None,
+                         feedforward_modules=options.ia3_feedforward_modules or None, task_type="CAUSAL_LM")
+
+    # refuse NaN/Inf and quantized weights; fold every vector into its weight and unwrap the layers
+    check_merge = staticmethod(check_mergeable)
+    merge = staticmethod(merge_and_unload)
+
+    @classmethod
+    def describe(cls, config: dict[str, Any], shapes: Shapes) -> list[Row]:
+        return super().describe(config, shapes) + [("adapted_modules", len(shapes))]

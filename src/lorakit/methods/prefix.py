@@ -28,6 +28,7 @@ from torch import nn
 from lorakit.core.config import config_from_dict
 from lorakit.core.errors import LorakitError
 from lorakit.core.io import load_method_files, save_method_files
+from lorakit.methods.base import ModuleFunctions, ModuleMethod
 
 PEFT_TYPE = "PREFIX_TUNING"
 INITS = ("vocab", "random")
@@ -274,3 +275,30 @@ def remove(model: nn.Module) -> nn.Module:
     del decoder.prefix_tuning
     model.__dict__.pop("lorakit_prefix_config", None)
     return model
+
+
+def encoder_names(model: nn.Module) -> list[str]:
+    """The name of the model's prefix module, or none."""
+    return [name for name, module in model.named_modules() if isinstance(module, PrefixEncoder)]
+
+
+@dataclass
+class VirtualTokenOptions:
+    """The options of prefix and prompt tuning (`--method prefix`, `--method prompt`)."""
+
+    num_virtual_tokens: int = 20
+    """Prefix and prompt tuning: virtual tokens."""
+
+
+class PrefixMethod(ModuleMethod):
+    """`--method prefix`: a learned prefix in every layer's attention cache (never merged)."""
+
+    name, options, peft_type, title = "prefix", VirtualTokenOptions, PEFT_TYPE, "a prefix (prefix tuning)"
+    # A few key/value vectors: larger steps than LoRA's factors (4e-3 at the default --lr 2e-4).
+    lr_ratio = 20.0
+    functions = ModuleFunctions(PrefixConfig.from_dict, apply, save, load, encoder_names)
+    described = ("num_virtual_tokens", "num_layers", "token_dim")
+
+    @staticmethod
+    def configure(options: VirtualTokenOptions) -> PrefixConfig:
+        return PrefixConfig(num_virtual_tokens=options.num_virtual_tokens)

@@ -23,8 +23,10 @@ from torch import nn
 from lorakit.core.config import config_from_dict
 from lorakit.core.errors import LorakitError
 from lorakit.core.io import load_method_files, save_method_files
+from lorakit.methods.base import ModuleFunctions, ModuleMethod
 from lorakit.methods.prefix import (
     FILE_KEY,
+    VirtualTokenOptions,
     bind_call,
     cache_argument,
     check_virtual_token_fields,
@@ -184,3 +186,22 @@ def remove(model: nn.Module) -> nn.Module:
     del decoder.prompt_tuning
     model.__dict__.pop("lorakit_prompt_config", None)
     return model
+
+
+def prompt_names(model: nn.Module) -> list[str]:
+    """The name of the model's prompt module, or none."""
+    return [name for name, module in model.named_modules() if isinstance(module, PromptEmbedding)]
+
+
+class PromptMethod(ModuleMethod):
+    """`--method prompt`: learned input embeddings ahead of every sequence (never merged)."""
+
+    name, options, peft_type, title = "prompt", VirtualTokenOptions, PEFT_TYPE, "a prompt (prompt tuning)"
+    # A few input embeddings: larger steps still than a prefix's (1.2e-2 at the default --lr 2e-4).
+    lr_ratio = 60.0
+    functions = ModuleFunctions(PromptTuningConfig.from_dict, apply, save, load, prompt_names)
+    described = ("num_virtual_tokens", "token_dim")
+
+    @staticmethod
+    def configure(options: VirtualTokenOptions) -> PromptTuningConfig:
+        return PromptTuningConfig(num_virtual_tokens=options.num_virtual_tokens)

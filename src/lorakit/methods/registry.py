@@ -1,123 +1,101 @@
-"""Parameter-efficient methods that `lorakit train` can run, by name: "lora", and those registered beside it.
+"""The methods `lorakit train --method NAME` can run, by name, and which one reads a saved adapter's files.
 
-A method is anything with the `Method` shape; `METHODS` maps a name to a factory taking the
-TrainConfig. "a+b" runs several methods in one model (each applied in turn).
+Adding a method: one module in lorakit/methods with a `lorakit.methods.base.Method` class, plus its line
+in METHODS (and its options dataclass as a group of TrainConfig, when it has new options). "a+b" runs
+several methods in one model (lorakit.methods.combine).
 """
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any
 
-import torch
 from torch import nn
 
-from lorakit.core.config import LoraConfig
 from lorakit.core.errors import LorakitError
-from lorakit.methods import bottleneck, ia3, prefix, prompt_tuning
+from lorakit.core.io import CONFIG_NAME
 from lorakit.methods.adalora import AdaLoraMethod
+from lorakit.methods.base import Method
+from lorakit.methods.bottleneck import BottleneckMethod
+from lorakit.methods.ia3 import IA3Method
+from lorakit.methods.lora import DoraMethod, LoraMethod, PissaMethod
+from lorakit.methods.prefix import PrefixMethod
+from lorakit.methods.prompt_tuning import PromptMethod
+
+# --method name -> method class; the order is the one `--help` and errors list.
+METHODS: dict[str, type[Method]] = {m.name: m for m in (
+    LoraMethod, DoraMethod, PissaMethod, AdaLoraMethod, IA3Method, BottleneckMethod, PrefixMethod, PromptMethod,
+)}
+
+# adapter_config.json's peft_type -> the method that loads, merges and describes such files: the first
+# registered with that type (the LoRA variants and AdaLoRA all write plain LoRA files).
+LOADERS: dict[str, type[Method]] = {
+    peft_type: next(m for m in METHODS.values() if m.peft_type == peft_type)
+    for peft_type in dict.fromkeys(m.peft_type for m in METHODS.values())
+}
 
 
-class Method(Protocol):
-    """One parameter-efficient method as the training loop sees it."""
-
-    name: str
-
-    def apply(self, model: nn.Module, source: str) -> None:
-        """Add the method's trainable parts to `model` (in place) and freeze the rest of it."""
-
-    def save(self, model: nn.Module, directory: Path) -> None:
-        """Write the trained parts to `directory` (PEFT's format where PEFT has the method)."""
-
-    def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
-        """Called after each optimizer step (rank schedules, pruning); most methods do nothing."""
-
-    def regularizer(self, model: nn.Module) -> torch.Tensor | None:
-        """An extra loss term added to each micro-batch's loss, or None."""
-
-
-def lora_config(cfg, source: str) -> LoraConfig:
-    """The LoraConfig that a run's LoRA options (r, lora_alpha, lora_dropout, target_modules, use_rslora,
-    init_lora_weights) describe, for the base model `source`."""
-    targets = cfg.target_modules
-    return LoraConfig(
-        r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, use_rslora=cfg.use_rslora,
-        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
-        init_lora_weights=True if cfg.init_lora_weights == "default" else cfg.init_lora_weights,
-        base_model_name_or_path=source, task_type="CAUSAL_LM",
-    )
-
-
-class LoraMethod:
-    """LoRA from the TrainConfig (rsLoRA, gaussian/PiSSA init, LoRA+ via the optimizer); `changes` to its
-    LoraConfig make the variants ("dora": use_dora=True, "pissa": init_lora_weights="pissa")."""
-
-    def __init__(self, cfg: "RunOptions", name: str = "lora", **changes) -> None:
-        self.cfg, self.name, self.changes = cfg, name, changes
-
-    def apply(self, model: nn.Module, source: str) -> None:
-        from lorakit.core.inject import apply
-
-        apply(model, lora_config(self.cfg, source).replace(**self.changes))
-
-    def save(self, model: nn.Module, directory: Path) -> None:
-        from lorakit.core.io import save_adapter
-
-        save_adapter(model, directory)
-
-    def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
-        return None
-
-    def regularizer(self, model: nn.Module) -> torch.Tensor | None:
-        return None
-
-
-METHODS: dict[str, Callable[["RunOptions"], Method]] = {"lora": LoraMethod}
-
-
-METHODS["adalora"] = AdaLoraMethod
-
-
-class ModuleMethod:
-    """A method that one lorakit module implements with apply(model, config) and save(model, directory):
-    ia3, bottleneck, prefix, prompt_tuning."""
-
-    def __init__(self, name: str, module, config) -> None:
-        self.name, self.module, self.config = name, module, config
-
-    def apply(self, model: nn.Module, source: str) -> None:
-        self.module.apply(model, dataclasses.replace(self.config, base_model_name_or_path=source))
-
-    def save(self, model: nn.Module, directory: Path) -> None:
-        self.module.save(model, directory)
-
-    def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
-        return None
-
-    def regularizer(self, model: nn.Module) -> torch.Tensor | None:
-        return None
-
-
-METHODS["dora"] = lambda cfg: LoraMethod(cfg, "dora", use_dora=True)
-METHODS["pissa"] = lambda cfg: LoraMethod(cfg, "pissa", init_lora_weights="pissa")
-METHODS["ia3"] = lambda cfg: ModuleMethod("ia3", ia3, ia3.IA3Config(
-    target_modules=cfg.ia3_target_modules or None, feedforward_modules=cfg.ia3_feedforward_modules or None,
-    task_type="CAUSAL_LM"))
-METHODS["adapter"] = lambda cfg: ModuleMethod("adapter", bottleneck, bottleneck.BottleneckConfig(
-    bottleneck_size=cfg.bottleneck_size, placement=cfg.adapter_placement))
-METHODS["prefix"] = lambda cfg: ModuleMethod("prefix", prefix, prefix.PrefixConfig(num_virtual_tokens=cfg.num_virtual_tokens))
-METHODS["prompt"] = lambda cfg: ModuleMethod("prompt", prompt_tuning, prompt_tuning.PromptTuningConfig(
-    num_virtual_tokens=cfg.num_virtual_tokens))
-
-
-def make_methods(cfg: "RunOptions") -> list[Method]:
-    """The methods `cfg.method` names ("lora", "dora", "lora+prefix", ...), in order.
+def loader_for(config: dict[str, Any], where: str) -> type[Method]:
+    """The method that reads an adapter directory whose adapter_config.json holds `config` (found at `where`).
 
     Raises:
-        LorakitError: an unknown method name, listing the known ones.
+        LorakitError: a peft_type lorakit does not read.
     """
-    names = [n.strip() for n in cfg.method.split("+") if n.strip()]
-    unknown = [n for n in names if n not in METHODS]
-    if unknown or not names:
-        raise LorakitError(f"unknown method {cfg.method!r}: use one of {', '.join(sorted(METHODS))}, or several joined by '+'.")
-    return [METHODS[n](cfg) for n in names]
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type not in LOADERS:
+        raise LorakitError(f"{where}/{CONFIG_NAME}: peft_type {peft_type!r} is not one lorakit reads; "
+                           f"it reads {', '.join(LOADERS)}.")
+    return LOADERS[peft_type]
+
+
+def method_names(spec: str) -> list[str]:
+    """The names in a --method value ("lora", "lora+prefix", ...), in order.
+
+    Raises:
+        LorakitError: an unknown or empty name, listing the known ones.
+    """
+    names = [n.strip() for n in spec.split("+") if n.strip()]
+    if not names or any(n not in METHODS for n in names):
+        raise LorakitError(f"unknown method {spec!r}: use one of {', '.join(METHODS)}, or several joined by '+'.")
+    return names
+
+
+def make_methods(cfg: Any) -> list[Method]:
+    """The methods `cfg.method` names, each built from the option groups of `cfg` (a TrainConfig).
+
+    Raises:
+        LorakitError: an unknown method name, or an invalid option of a named method.
+    """
+    return [METHODS[name](cfg) for name in method_names(cfg.method)]
+
+
+def optimizer_groups(methods: list[Method], model: nn.Module, lr: float,
+                     overrides: dict[str, float]) -> list[dict[str, Any]]:
+    """Optimizer parameter groups for `methods` in `model`: each parameter at lr x its method's ratio
+    (`overrides[name]`, else the method's `lr_ratio`) x its group's ratio.
+
+    Parameters sharing a learning rate share a group, each group in the model's parameter order (so a
+    checkpoint's optimizer state fits the same run's groups).
+
+    Returns:
+        [{"params": [...], "lr": lr}, ...] for torch.optim.
+
+    Raises:
+        LorakitError: a trainable parameter no method claims, or one claimed twice.
+    """
+    order = {id(p): i for i, p in enumerate(model.parameters())}
+    rates: dict[int, float] = {}
+    for method in methods:
+        ratio = overrides.get(method.name, method.lr_ratio)
+        for group in method.parameter_groups(model):
+            for param in group.params:
+                if id(param) in rates:
+                    raise LorakitError(f"a parameter of method {method.name!r} is claimed by another method too; "
+                                       "give the methods disjoint targets.")
+                rates[id(param)] = lr * ratio * group.lr_ratio
+    stray = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in rates]
+    if stray:
+        raise LorakitError(f"{len(stray)} trainable parameter(s) belong to no method (e.g. {stray[0]}); "
+                           "freeze them, or train them through a method.")
+    by_lr: dict[float, list[nn.Parameter]] = {}
+    for param in sorted((p for p in model.parameters() if id(p) in rates), key=lambda p: order[id(p)]):
+        by_lr.setdefault(rates[id(param)], []).append(param)
+    return [{"params": params, "lr": rate} for rate, params in by_lr.items()]

@@ -101,12 +101,42 @@ def _batch(cfg: BenchTrainConfig, vocab: int, device: torch.device) -> dict[str,
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
+def _run_config(cfg: BenchTrainConfig):
+    """The `lorakit train` options of the benchmarked adapter: --method at rank r, lora_alpha 2r, the targets."""
+    from lorakit.methods.lora import LoraOptions
+    from lorakit.training.config import TrainConfig
+
+    return TrainConfig(method=cfg.method, lr=1e-4,
+                       lora=LoraOptions(r=cfg.r, lora_alpha=2 * cfg.r, target_modules=list(cfg.target_modules)))
+
+
+def _lorakit_step(cfg: BenchTrainConfig, model: torch.nn.Module, batch: dict, dtype: torch.dtype):
+    """One training step of `model` exactly as `lorakit train` runs it (methods, optimizer groups, loss)."""
+    from lorakit.core.quantize import quantize_model
+    from lorakit.methods.combine import apply_methods
+    from lorakit.methods.registry import make_methods
+    from lorakit.training.loop import make_optimizer
+    from lorakit.training.loss import loss_sum
+
+    model.to(dtype)  # as lorakit train: the frozen base in the compute dtype, LoRA in fp32
+    quantize_model(model, cfg.quantize, dtype)
+    run = _run_config(cfg)
+    methods = make_methods(run)
+    apply_methods(methods, model, cfg.model or "default")
+    model.train()
+    opt = make_optimizer(model, run, methods)
+
+    def step():
+        total, n = loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        (total / n).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
 def _step_function(name: str, cfg: BenchTrainConfig, device: torch.device):
     """Build configuration `name`; return a function that runs one training step, and the model it trains."""
-    from lorakit.core.config import LoraConfig
-    from lorakit.core.inject import apply
-    from lorakit.core.quantize import quantize_model
-    from lorakit.training.loss import loss_sum
+    from lorakit.methods.registry import make_methods
     from lorakit.training.models import default_dtype, load_model
 
     dtype = default_dtype(device)
@@ -134,29 +164,15 @@ def _step_function(name: str, cfg: BenchTrainConfig, device: torch.device):
         return step, model
 
     if name == "lorakit":
-        from lorakit.training.config import TrainConfig
-        from lorakit.training.loop import make_optimizer
-
-        model.to(dtype)  # as lorakit train: the frozen base in the compute dtype, LoRA in fp32
-        quantize_model(model, cfg.quantize, dtype)
-        apply(model, LoraConfig(r=cfg.r, lora_alpha=2 * cfg.r, target_modules=list(cfg.target_modules),
-                                use_dora=cfg.method == "dora"))
-        model.train()
-        opt = make_optimizer(model, TrainConfig(lr=1e-4))
-
-        def step():
-            total, n = loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-            (total / n).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return step, model
+        return _lorakit_step(cfg, model, batch, dtype), model
 
     if name == "peft":
         from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model
 
-        peft_model = get_peft_model(model, PeftLoraConfig(r=cfg.r, lora_alpha=2 * cfg.r, use_dora=cfg.method == "dora",
-                                                          target_modules=list(cfg.target_modules)))
+        ours = make_methods(_run_config(cfg))[0].config  # the same LoraConfig, e.g. use_dora for dora
+        peft_model = get_peft_model(model, PeftLoraConfig(r=ours.r, lora_alpha=ours.lora_alpha, use_dora=ours.use_dora,
+                                                          target_modules=ours.target_modules))
         peft_model.train()
         opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
 

@@ -25,6 +25,7 @@ import torch
 from lorakit.core.errors import LorakitError
 from lorakit.core.fsutil import atomic_write_text
 from lorakit.training.config import TrainConfig
+from lorakit.training.config_file import build_config, config_values
 from lorakit.training.loop import train
 
 RESULT_NAME = "sweep_result.json"
@@ -66,14 +67,14 @@ def run_configs(cfg: SweepConfig) -> dict[str, TrainConfig]:
         LorakitError: a value the training config rejects (checked before any run starts).
     """
     own = {f.name for f in dataclasses.fields(SweepConfig)} - {f.name for f in dataclasses.fields(TrainConfig)}
-    base = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in own}
+    base = {k: v for k, v in config_values(cfg).items() if k not in own}
     out = Path(cfg.output)
     if cfg.ranks:
         runs = {f"r={r}": {"r": r} for r in cfg.ranks}
     else:
         runs = {m: {"method": m} for m in cfg.methods}
     # Building every TrainConfig first checks each value (e.g. an unknown method) before any run starts.
-    return {label: TrainConfig(**{**base, **change, "output": str(out / label.replace("=", ""))})
+    return {label: build_config(TrainConfig, {**base, **change, "output": str(out / label.replace("=", ""))})
             for label, change in runs.items()}
 
 
@@ -90,7 +91,7 @@ def measure_run(run: TrainConfig) -> dict:
     started = time.perf_counter()
     with log.open("w") as stream:
         proc = subprocess.run(
-            [sys.executable, "-m", "lorakit.tools.sweep", json.dumps(dataclasses.asdict(run)), str(out / RESULT_NAME)],
+            [sys.executable, "-m", "lorakit.tools.sweep", json.dumps(config_values(run)), str(out / RESULT_NAME)],
             stdout=stream, stderr=subprocess.STDOUT,
             env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"},
         )
@@ -241,7 +242,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
 
 def _worker(run_json: str, result_path: str) -> None:
     """The subprocess of one run: train, then record the summary and this process's peak memory."""
-    summary = train(TrainConfig(**json.loads(run_json)))
+    summary = train(build_config(TrainConfig, json.loads(run_json)))
     peak_cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     atomic_write_text(result_path, json.dumps({"summary": summary, "peak_rss_bytes": peak_rss, "peak_cuda_bytes": peak_cuda}))

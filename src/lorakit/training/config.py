@@ -1,16 +1,20 @@
-"""TrainConfig: every option of `lorakit train`, one dataclass whose fields are the command's flags."""
+"""TrainConfig: every option of `lorakit train`, one dataclass whose fields are the command's flags.
+
+Each method's options are a group (a field whose type is a dataclass: `cfg.lora.r`); flags and YAML
+keys stay flat (`--r`, `r:`), lorakit.training.config_file maps between the two.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
 
 from lorakit.core.errors import LorakitError
-from lorakit.methods.registry import make_methods
-
-# Default --method-lr-ratio: IA3 vectors and virtual tokens move the model through far fewer numbers than
-# LoRA's factors and train at larger rates; at the default --lr these give PEFT's usual 1e-2 (IA3, prefix
-# tuning) and 3e-2 (prompt tuning).
-METHOD_LR_RATIO = {"ia3": 20.0, "prefix": 20.0, "prompt": 60.0}
+from lorakit.methods.adalora import AdaLoraOptions
+from lorakit.methods.bottleneck import BottleneckOptions
+from lorakit.methods.ia3 import IA3Options
+from lorakit.methods.lora import LoraOptions
+from lorakit.methods.prefix import VirtualTokenOptions
+from lorakit.methods.registry import METHODS, make_methods
 
 
 @dataclass
@@ -26,31 +30,17 @@ class TrainConfig:
     output: str = "runs/lorakit"
     """Run directory: adapter/, checkpoints/, config.yaml, metrics.jsonl, loss.png, report.md."""
     method: str = "lora"
-    """Parameter-efficient method: lora, dora, pissa, ia3, adapter, prefix, prompt (lorakit.methods); several joined by '+', e.g. lora+prefix."""
-    method_lr_ratio: dict[str, float] = field(default_factory=lambda: dict(METHOD_LR_RATIO))
-    """Learning-rate multiplier for each method's parameters (JSON): prefix/prompt/IA3 vectors need larger steps than LoRA factors."""
-    num_virtual_tokens: int = 20
-    """Prefix and prompt tuning: virtual tokens."""
-    bottleneck_size: int = 32
-    """Bottleneck adapters (--method adapter): inner width of each adapter."""
-    adapter_placement: Literal["both", "attention", "mlp"] = "both"
-    """Bottleneck adapters: after each block's attention, its MLP, or both."""
-    ia3_target_modules: list[str] = field(default_factory=list)
-    """IA3: modules whose activations it rescales; empty: PEFT's defaults for the model (Llama: k_proj,v_proj,down_proj)."""
-    ia3_feedforward_modules: list[str] = field(default_factory=list)
-    """IA3: the targets whose input (not output) it rescales; empty: the defaults (Llama: down_proj)."""
-    r: int = 8
-    """LoRA rank."""
-    lora_alpha: float = 16.0
-    """LoRA scaling numerator (scaling = lora_alpha / r)."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA branch input."""
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    """Modules to adapt: comma-separated names (q_proj,v_proj) or all-linear."""
-    use_rslora: bool = False
-    """Rank-stabilized scaling lora_alpha / sqrt(r)."""
-    init_lora_weights: Literal["default", "gaussian", "pissa"] = "default"
-    """Initialization of A and B."""
+    """Parameter-efficient method: lora, dora, pissa, adalora, ia3, adapter, prefix, prompt (lorakit.methods); several joined by '+', e.g. lora+prefix."""
+    method_lr_ratio: dict[str, float] = field(default_factory=dict)
+    """Learning-rate multiplier for a method's parameters (JSON, e.g. {"prefix": 10}); a method left out keeps its own (ia3 and prefix 20, prompt 60, the rest 1)."""
+    virtual_tokens: VirtualTokenOptions = field(default_factory=VirtualTokenOptions)
+    """Prefix and prompt tuning."""
+    bottleneck: BottleneckOptions = field(default_factory=BottleneckOptions)
+    """Bottleneck adapters (--method adapter)."""
+    ia3: IA3Options = field(default_factory=IA3Options)
+    """IA3."""
+    lora: LoraOptions = field(default_factory=LoraOptions)
+    """LoRA, and the targets and scaling of DoRA, PiSSA and AdaLoRA."""
     max_steps: int = 0
     """Optimizer steps; 0: run --epochs."""
     epochs: float = 1.0
@@ -61,8 +51,6 @@ class TrainConfig:
     """Micro-batches per optimizer step."""
     lr: float = 2e-4
     """Peak learning rate."""
-    loraplus_lr_ratio: float = 1.0
-    """LoRA+: the learning rate of B is this times that of A (1: plain LoRA; the paper suggests 16)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     warmup_steps: int = 10
@@ -111,30 +99,24 @@ class TrainConfig:
     """Forgetting guard: keep the best adapter whose forgetting-probe perplexity rose at most this many percent (0: off)."""
     probe_every: int = 0
     """Forgetting guard: probe every N steps (0: ten times per run)."""
-    init_r: int = 12
-    """AdaLoRA (--method adalora): singular triplets per module at the start."""
-    target_r: int = 4
-    """AdaLoRA: average triplets per module left after pruning (the total budget is target_r x modules)."""
-    prune_start: float = 0.1
-    """AdaLoRA: fraction of the run before pruning starts (importance scores warm up)."""
-    prune_end: float = 0.7
-    """AdaLoRA: fraction of the run at which the budget reaches target_r; the kept set is fixed after it."""
-    importance_beta: float = 0.85
-    """AdaLoRA: smoothing of the importance scores and their uncertainty (exponential moving averages)."""
-    orth_reg_weight: float = 0.5
-    """AdaLoRA: weight of the penalty keeping the singular vectors orthonormal."""
+    adalora: AdaLoraOptions = field(default_factory=AdaLoraOptions)
+    """AdaLoRA's rank schedule."""
 
     def __post_init__(self) -> None:
-        for name in ("r", "batch_size", "grad_accum", "max_seq_len"):
+        for name in ("batch_size", "grad_accum", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise LorakitError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
         if self.max_steps < 0 or self.epochs <= 0 and self.max_steps == 0:
             raise LorakitError("give --max-steps > 0 or --epochs > 0.")
         if not 0 < self.eval_fraction < 1:
             raise LorakitError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}.")
-        if self.quantize != "none" and self.init_lora_weights == "pissa":
+        if self.quantize != "none" and self.lora.init_lora_weights == "pissa":
             raise LorakitError("--init-lora-weights pissa rewrites the base weights, which --quantize cannot hold "
                                "exactly; use the default init with --quantize.")
         if self.preserve < 0 or self.max_forgetting < 0 or self.probe_every < 0:
             raise LorakitError("--preserve, --max-forgetting and --probe-every must be >= 0.")
+        unknown = sorted(set(self.method_lr_ratio) - set(METHODS))
+        if unknown:
+            raise LorakitError(f"--method-lr-ratio names unknown method(s) {', '.join(unknown)}; "
+                               f"use names from {', '.join(METHODS)}.")
         make_methods(self)  # unknown method names and invalid method options fail now, before the model loads

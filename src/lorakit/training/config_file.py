@@ -274,14 +274,12 @@ def config_to_yaml(obj: Any) -> str:
 
     if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
         raise TypeError(f"config_to_yaml needs a dataclass instance, got {type(obj).__name__}.")
+    values = config_values(obj)
     blocks = []
     for name, option in config_fields(type(obj)).items():
-        holder = obj
-        for group in option.group:
-            holder = getattr(holder, group)
         comment = "".join(f"# {line}".rstrip() + "\n" for line in option.help.splitlines())
         entry = yaml.safe_dump(
-            {name: _plain(getattr(holder, name))},
+            {name: _plain(values[name])},
             sort_keys=False,
             allow_unicode=True,
             default_flow_style=False,
@@ -289,6 +287,24 @@ def config_to_yaml(obj: Any) -> str:
         )
         blocks.append(comment + entry)
     return "\n".join(blocks)
+
+
+def config_values(obj: Any) -> dict[str, Any]:
+    """{option name: value} of a config dataclass instance, option groups flattened: what `build_config`
+    takes back.
+
+    Raises:
+        TypeError: if `obj` is not a dataclass instance.
+    """
+    if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
+        raise TypeError(f"config_values needs a dataclass instance, got {type(obj).__name__}.")
+    values = {}
+    for name, option in config_fields(type(obj)).items():
+        holder = obj
+        for group in option.group:
+            holder = getattr(holder, group)
+        values[name] = getattr(holder, name)
+    return values
 
 
 def save_config(obj: Any, path: str | os.PathLike) -> None:

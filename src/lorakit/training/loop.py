@@ -23,7 +23,7 @@ from lorakit.core.errors import LorakitError
 from lorakit.core.fsutil import atomic_directory
 from lorakit.core.quantize import quantize_model
 from lorakit.methods.combine import apply_methods, save_methods
-from lorakit.methods.registry import make_methods
+from lorakit.methods.registry import make_methods, optimizer_groups
 from lorakit.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -48,18 +48,10 @@ from lorakit.training.tasks import forgetting_probe_texts
 
 
 # ---- optimization -----------------------------------------------------------------------------------
-def make_optimizer(model: nn.Module, cfg: TrainConfig, owners: dict[str, list] | None = None) -> torch.optim.Optimizer:
-    """AdamW on the trainable parameters; with LoRA+ the B factors get lr x loraplus_lr_ratio, and the
-    parameters of each method in `owners` ({method name: parameters}) lr x its cfg.method_lr_ratio."""
-    ratio = {id(p): cfg.method_lr_ratio.get(name, 1.0) for name, params in (owners or {}).items() for p in params}
-    by_lr: dict[float, list[nn.Parameter]] = {}
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            lr = cfg.lr * ratio.get(id(param), 1.0)
-            if ".lora_B." in name or ".lora_embedding_B." in name:
-                lr *= cfg.loraplus_lr_ratio
-            by_lr.setdefault(lr, []).append(param)
-    groups = [{"params": params, "lr": lr} for lr, params in by_lr.items()]
+def make_optimizer(model: nn.Module, cfg: TrainConfig, methods: list) -> torch.optim.Optimizer:
+    """AdamW over the parameter groups of `methods`: lr x the method's ratio (cfg.method_lr_ratio, else
+    its own) x the group's (LoRA+: the B factors at --loraplus-lr-ratio)."""
+    groups = optimizer_groups(methods, model, cfg.lr, cfg.method_lr_ratio)
     # fused: one kernel for all parameters instead of ~10 small ops per LoRA factor (hundreds of them)
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
@@ -169,13 +161,13 @@ def build_trainer(run: Run) -> Trainer:
     cfg, world, model = run.cfg, run.world, run.model
     torch.manual_seed(cfg.seed)
     methods = make_methods(cfg)
-    owners = apply_methods(methods, model, run.source)
+    apply_methods(methods, model, run.source)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     counts = summary(model, print_summary=False)
     plan = BatchPlan(len(run.data.train), cfg.batch_size, world.size, cfg.grad_accum, cfg.seed)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(run.data.train) / plan.global_batch))
-    optimizer = make_optimizer(model, cfg, owners)
+    optimizer = make_optimizer(model, cfg, methods)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     step_module: nn.Module = CausalLMLoss(model)
     if world.distributed:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.core.fsutil import atomic_write_text
+from lorakit.methods.combine import describe_methods
 from lorakit.training.evaluate import EvalResult
 from lorakit.training.knowledge import BehaviourKept, compare_behaviour
 
@@ -111,7 +112,7 @@ def write_run_report(out: Path, cfg, before: EvalResult, after: EvalResult, coun
     text = "\n".join([
         f"# lorakit run: {out.name}", "",
         f"- base model: `{cfg.model or 'default'}`; data: `{cfg.data or 'built-in ' + cfg.task + ' task'}`",
-        f"- LoRA r={cfg.r}, lora_alpha={cfg.lora_alpha}, targets={','.join(cfg.target_modules)}",
+        *[f"- {name}: " + ", ".join(f"{k}={v}" for k, v in rows) for name, rows in describe_methods(out / "adapter")],
         f"- trainable parameters: {counts.trainable_params:,} of {counts.total_params:,} "
         f"({counts.trainable_percent:.2f}%)",
         f"- steps: {steps}, processes: {world_size}, training throughput: "

@@ -15,6 +15,7 @@ from lorakit.methods.ia3 import IA3Options
 from lorakit.methods.lora import LoraOptions
 from lorakit.methods.prefix import VirtualTokenOptions
 from lorakit.methods.registry import METHODS, make_methods
+from lorakit.training.tracking import check_report_to
 
 
 @dataclass
@@ -89,6 +90,12 @@ class TrainConfig:
     """QLoRA: hold the frozen base's block linears in 4-bit NF4 (double-quantized scales) or int8 (bitsandbytes); LoRA trains in fp32 on top."""
     device: str | None = None
     """cpu, cuda, cuda:1 ...; default: cuda if available."""
+    report_to: list[str] = field(default_factory=lambda: ["none"])
+    """Experiment trackers besides metrics.jsonl: tensorboard, mlflow (comma-separated), or none."""
+    quiet: bool = False
+    """No progress display (errors and the final before/after table only)."""
+    log_every: int = 0
+    """Where the output is not a terminal: one progress line every N steps (0: about 20 lines a run)."""
     task: Literal["orders", "tickets"] = "orders"
     """Built-in task when --data is omitted: orders (order note -> record) or tickets (route a message to a team)."""
     task_size: int = 960
@@ -119,4 +126,5 @@ class TrainConfig:
         if unknown:
             raise LorakitError(f"--method-lr-ratio names unknown method(s) {', '.join(unknown)}; "
                                f"use names from {', '.join(METHODS)}.")
+        check_report_to(self.report_to)
         make_methods(self)  # unknown method names and invalid method options fail now, before the model loads

@@ -21,7 +21,9 @@ from lorakit.training.tracking import check_report_to
 @dataclass
 class TrainConfig:
     model: str | None = None
-    """Base model: 'default' (embedded SmolLM2-135M-Instruct), a .gguf file, or a Hugging Face model directory."""
+    """Base model: 'default' (embedded SmolLM2-135M-Instruct), a .gguf file, a Hugging Face model directory, or a Hub id (org/name) in the local Hugging Face cache."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with the model (custom architectures); off unless asked."""
     data: str | None = None
     """Training data (.jsonl, .csv, .txt). Omitted: the built-in order-record task."""
     format: Literal["auto", "text", "instruction", "chat"] = "auto"

@@ -140,7 +140,7 @@ def setup_run(cfg: TrainConfig, world: World, started: float) -> Run:
     dtype = compute_dtype(cfg.precision, world.device)
     with main_first(world):  # rank 0 converts and caches a GGUF model once
         # The frozen base lives in the compute dtype (loaded so: no fp32 copy, no per-step re-cast).
-        loaded = load_model(cfg.model, device=world.device, dtype=dtype)
+        loaded = load_model(cfg.model, device=world.device, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     # Before the 'before' measurement, so that before and after are measured on the same (quantized) base.
     quantize_model(loaded.model, cfg.quantize, dtype)
     data = load_datasets(cfg, loaded.tokenizer)

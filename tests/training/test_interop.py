@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 import lorakit
 from lorakit import LoraConfig
 from lorakit.training.config import TrainConfig
-from lorakit.training.data import load_records, tokenize_records
+from lorakit.training.data.records import load_records
+from lorakit.training.data.tokenize import tokenize_records
 from lorakit.training.interop import Collator, SaveAdapterCallback
 from lorakit.training.loop import train
 from lorakit.training.models import load_model

@@ -20,7 +20,7 @@ import torch
 from transformers import TrainerCallback
 
 from lorakit.core.io import save_adapter
-from lorakit.training.data import collate
+from lorakit.training.data.batching import collate
 
 ADAPTER_DIR = "adapter"
 

@@ -143,7 +143,7 @@ def setup_run(cfg: TrainConfig, world: World, started: float) -> Run:
         loaded = load_model(cfg.model, device=world.device, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     # Before the 'before' measurement, so that before and after are measured on the same (quantized) base.
     quantize_model(loaded.model, cfg.quantize, dtype)
-    data = load_datasets(cfg, loaded.tokenizer)
+    data = load_datasets(cfg, loaded.tokenizer, world.size)
     run = Run(cfg, world, Path(cfg.output), loaded.model, loaded.tokenizer, loaded.source, dtype, data, started)
     if world.is_main:
         run.out.mkdir(parents=True, exist_ok=True)
@@ -170,8 +170,9 @@ def build_trainer(run: Run) -> Trainer:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     counts = summary(model, print_summary=False)
-    plan = BatchPlan(len(run.data.train), cfg.batch_size, world.size, cfg.grad_accum, cfg.seed)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(run.data.train) / plan.global_batch))
+    # a stream has no length: TrainConfig asks for --max-steps with --streaming
+    plan = BatchPlan(run.data.size or 1, cfg.batch_size, world.size, cfg.grad_accum, cfg.seed)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * run.data.size / plan.global_batch))
     optimizer = make_optimizer(model, cfg, methods)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     step_module: nn.Module = CausalLMLoss(model)
@@ -211,8 +212,8 @@ def train_step(run: Run, trainer: Trainer, step: int) -> tuple[float, int]:
         TrainingDiverged: the loss is NaN or Inf (the weights are left as they were before the step).
     """
     world = run.world
-    micro = [collate([run.data.train[i] for i in idx], run.tokenizer.pad_token_id)
-             for idx in trainer.plan.micro_batches(step, world.rank)]
+    micro = [collate(examples, run.tokenizer.pad_token_id)
+             for examples in run.data.micro_batches(trainer.plan, step, world.rank)]
     global_tokens = world.sum(sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in micro))
     loss = world.sum(accumulate_gradients(run, trainer, micro, global_tokens)) / max(global_tokens, 1)
     if trainer.preserve is not None:
@@ -359,8 +360,7 @@ def train(cfg: TrainConfig) -> dict:
             loss, tokens = train_step(run, trainer, step)
             elapsed = time.perf_counter() - t0
             tokens_seen, train_time = tokens_seen + tokens, train_time + elapsed
-            record = {"step": step + 1, "epoch": (step + 1) * trainer.plan.global_batch / len(run.data.train),
-                      "loss": loss, "lr": trainer.scheduler.get_last_lr()[0], "grad_norm": trainer.grad_norm,
+            record = {"step": step + 1, **run.data.epoch(trainer.plan, step + 1), "loss": loss, "lr": trainer.scheduler.get_last_lr()[0], "grad_norm": trainer.grad_norm,
                       "tokens_per_s": tokens / elapsed, "step_s": elapsed, **maybe_evaluate(run, trainer, step),
                       **maybe_probe(run, trainer, step)}
             metrics.write(record)

@@ -69,6 +69,9 @@ class RowStream:
 
 def shuffled(items: Iterator[dict], buffer_size: int, rng: random.Random) -> Iterator[dict]:
     """`items` in a random order drawn from a buffer of `buffer_size` (the usual streaming shuffle)."""
+    if buffer_size <= 1:
+        yield from items
+        return
     buffer: list[dict] = []
     for item in items:
         if len(buffer) < buffer_size:

@@ -60,8 +60,8 @@ def peak_rss_mb(command: list[str]) -> float:
 
 READ_ALL = """
 import sys
-from lorakit.training.sources import DataOptions, resolve
-from lorakit.training.stream import RowStream
+from lorakit.training.data.sources import DataOptions, resolve
+from lorakit.training.data.stream import RowStream
 stream = RowStream(resolve(sys.argv[1], "train"), DataOptions(), None, seed=0, shuffle_buffer=1000)
 print(sum(1 for _ in stream.records(0)))
 """

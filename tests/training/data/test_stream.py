@@ -7,9 +7,11 @@ from safetensors.torch import load_file
 
 from lorakit.cli.main import main
 from lorakit.core.errors import LorakitError
-from lorakit.training.data import load_records, pack, tokenize_records
-from lorakit.training.sources import DataOptions, resolve
-from lorakit.training.stream import RowStream, StreamBatches, shuffled
+from lorakit.training.data.batching import pack
+from lorakit.training.data.records import load_records
+from lorakit.training.data.sources import DataOptions, resolve
+from lorakit.training.data.stream import RowStream, StreamBatches, shuffled
+from lorakit.training.data.tokenize import tokenize_records
 
 FAST = ["--eval-samples", "4", "--max-new-tokens", "4", "--precision", "fp32", "--warmup-steps", "1", "--quiet"]
 

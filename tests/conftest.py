@@ -140,3 +140,38 @@ def task_files(tmp_path_factory):
     for name, rows in (("train.jsonl", train), ("eval.jsonl", evals)):
         (directory / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return directory / "train.jsonl", directory / "eval.jsonl"
+
+
+def put_in_hub_cache(cache, repo_id: str, folder, repo_type: str = "model"):
+    """Lay `folder`'s files into a Hugging Face Hub cache as a download does: blobs named by their sha256,
+    snapshots/<commit>/ of relative symlinks to them, refs/main naming the commit. Returns the snapshot folder."""
+    import hashlib
+    from pathlib import Path
+
+    repo = Path(cache) / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    commit = hashlib.sha1("".join(str(p.relative_to(folder)) for p in files).encode()).hexdigest()
+    snapshot = repo / "snapshots" / commit
+    for file in files:
+        data = file.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snapshot / file.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face Hub cache that huggingface_hub (and so lorakit) uses for this test."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-home" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # read once at import; the env is for subprocesses
+    return cache

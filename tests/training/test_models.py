@@ -147,7 +147,7 @@ def test_default_dtype_keeps_a_bf16_checkpoint_in_float32(tmp_path):
     ("make", "expected"),
     [
         (lambda tmp: tmp / "no-such-model", "not found"),
-        (lambda tmp: "HuggingFaceTB/SmolLM2-135M", "not found"),
+        (lambda tmp: "lorakit-tests/no-such-model", "not a model in the local Hugging Face cache"),
         (lambda tmp: tmp, "has no config.json"),
         (lambda tmp: _write(tmp / "notes.txt", "hi"), "not a .gguf file"),
         (lambda tmp: _write(tmp / "config.json", "{}").parent, "no weights"),
@@ -160,7 +160,7 @@ def test_bad_specs_say_what_is_accepted(tmp_path, make, expected):
         models.load_model(spec)
     message = str(caught.value)
     assert str(spec) in message
-    assert "'default'" in message or "save_pretrained" in message
+    assert "'default'" in message or "save_pretrained" in message or "hf download" in message
 
 
 def _write(path: Path, text: str) -> Path:

@@ -15,18 +15,34 @@ from lorakit.methods.ia3 import IA3Options
 from lorakit.methods.lora import LoraOptions
 from lorakit.methods.prefix import VirtualTokenOptions
 from lorakit.methods.registry import METHODS, make_methods
+from lorakit.training.data.sources import parse_columns
+from lorakit.training.tracking import check_report_to
 
 
 @dataclass
 class TrainConfig:
     model: str | None = None
-    """Base model: 'default' (embedded SmolLM2-135M-Instruct), a .gguf file, or a Hugging Face model directory."""
+    """Base model: 'default' (embedded SmolLM2-135M-Instruct), a .gguf file, a Hugging Face model directory, or a Hub id (org/name) in the local Hugging Face cache."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with the model (custom architectures); off unless asked."""
     data: str | None = None
-    """Training data (.jsonl, .csv, .txt). Omitted: the built-in order-record task."""
-    format: Literal["auto", "text", "instruction", "chat"] = "auto"
+    """Training data: a .jsonl/.json/.csv/.parquet/.arrow/.txt file, a glob, a save_to_disk folder, or a dataset name in the local Hugging Face cache. Omitted: the built-in task."""
+    format: Literal["auto", "text", "instruction", "chat", "sharegpt"] = "auto"
     """Data format; 'auto' detects it from the first record."""
+    split: str = "train"
+    """Split of --data (for a dataset name or a save_to_disk folder; files are all 'train')."""
+    columns: list[str] = field(default_factory=list)
+    """Map the data's column names to lorakit's fields: output=answer,instruction=question."""
+    max_samples: int = 0
+    """Read at most this many rows of --data (0: all)."""
+    streaming: bool = False
+    """Read --data lazily (larger-than-RAM data, bounded memory); needs --max-steps."""
+    shuffle_buffer: int = 1000
+    """--streaming: rows held for shuffling."""
     eval_data: str | None = None
-    """Held-out data; omitted: a split of --data (see --eval-fraction)."""
+    """Held-out data (same forms as --data); omitted: a split of --data (see --eval-fraction)."""
+    eval_split: str = "train"
+    """Split of --eval-data."""
     output: str = "runs/lorakit"
     """Run directory: adapter/, checkpoints/, config.yaml, metrics.jsonl, loss.png, report.md."""
     method: str = "lora"
@@ -89,6 +105,12 @@ class TrainConfig:
     """QLoRA: hold the frozen base's block linears in 4-bit NF4 (double-quantized scales) or int8 (bitsandbytes); LoRA trains in fp32 on top."""
     device: str | None = None
     """cpu, cuda, cuda:1 ...; default: cuda if available."""
+    report_to: list[str] = field(default_factory=lambda: ["none"])
+    """Experiment trackers besides metrics.jsonl: tensorboard, mlflow (comma-separated), or none."""
+    quiet: bool = False
+    """No progress display (errors and the final before/after table only)."""
+    log_every: int = 0
+    """Where the output is not a terminal: one progress line every N steps (0: about 20 lines a run)."""
     task: Literal["orders", "tickets"] = "orders"
     """Built-in task when --data is omitted: orders (order note -> record) or tickets (route a message to a team)."""
     task_size: int = 960
@@ -119,4 +141,10 @@ class TrainConfig:
         if unknown:
             raise LorakitError(f"--method-lr-ratio names unknown method(s) {', '.join(unknown)}; "
                                f"use names from {', '.join(METHODS)}.")
+        check_report_to(self.report_to)
+        parse_columns(self.columns)
+        if self.streaming and not self.max_steps:
+            raise LorakitError("--streaming reads data of unknown length, so give the run's length with --max-steps.")
+        if self.max_samples < 0:
+            raise LorakitError(f"--max-samples must be 0 (all) or positive, got {self.max_samples}.")
         make_methods(self)  # unknown method names and invalid method options fail now, before the model loads

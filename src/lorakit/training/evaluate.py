@@ -125,12 +125,14 @@ def evaluate(model: nn.Module, tokenizer: Any, data: EvalSet, device: torch.devi
 @dataclass
 class EvalConfig:
     data: str | None = None
-    """Evaluation data (.jsonl/.csv/.txt); omitted: the built-in task's held-out set."""
+    """Evaluation data (the forms --data of train takes); omitted: the built-in task's held-out set."""
+    split: str = "train"
+    """Split of --data (a dataset name or a save_to_disk folder)."""
     model: str | None = None
     """Base model; omitted: the adapter's recorded base, else the embedded default."""
     adapter: str | None = None
     """Adapter directory (PEFT format) to evaluate on top of the base."""
-    format: Literal["auto", "text", "instruction", "chat"] = "auto"
+    format: Literal["auto", "text", "instruction", "chat", "sharegpt"] = "auto"
     """Data format."""
     max_seq_len: int = 512
     """Longest sample in tokens."""
@@ -162,7 +164,8 @@ def run_eval(cfg: EvalConfig) -> dict:
         LorakitError: the model, adapter or data cannot be loaded.
     """
     loaded = load_with_adapter(cfg.model, cfg.adapter, cfg.device, quantize=cfg.quantize)
-    data = load_eval_set(cfg.data, loaded.tokenizer, cfg.format, cfg.max_seq_len, builtin_samples=cfg.eval_samples)
+    data = load_eval_set(cfg.data, loaded.tokenizer, cfg.format, cfg.max_seq_len, builtin_samples=cfg.eval_samples,
+                         split=cfg.split)
     device, tokenizer = loaded.model.device, loaded.tokenizer
     result = evaluate(loaded.model, tokenizer, data, device, cfg.eval_samples, cfg.max_new_tokens, behaviour=cfg.probe)
     out = {k: v for k, v in result.to_dict().items() if k not in ("samples", "behaviour_answers")}

@@ -10,13 +10,12 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from lorakit.core.adapters import Summary, summary
 from lorakit.core.errors import LorakitError
@@ -43,8 +42,10 @@ from lorakit.training.knowledge import (
 )
 from lorakit.training.loss import IGNORE_INDEX, loss_sum
 from lorakit.training.models import compute_dtype, load_model
+from lorakit.training.progress import Progress
 from lorakit.training.report import MetricsLog, write_run_report
 from lorakit.training.tasks import forgetting_probe_texts
+from lorakit.training.tracking import Trackers, eval_metrics, make_trackers, train_metrics
 
 
 # ---- optimization -----------------------------------------------------------------------------------
@@ -108,6 +109,7 @@ class Run:
     dtype: torch.dtype          # the compute dtype of the frozen base
     data: Datasets
     started: float              # time.perf_counter() when the run began
+    trackers: Trackers = field(default_factory=lambda: Trackers([]))   # --report-to (rank 0)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -128,6 +130,7 @@ class Trainer:
     counts: Summary             # trainable / total parameters
     preserve: PreservationLoss | None = None   # --preserve: KL to the base on general text
     guard: ForgettingGuard | None = None       # --max-forgetting (rank 0)
+    grad_norm: float = math.nan                # of the last step, before clipping
 
 
 # ---- the steps --------------------------------------------------------------------------------------
@@ -137,14 +140,16 @@ def setup_run(cfg: TrainConfig, world: World, started: float) -> Run:
     dtype = compute_dtype(cfg.precision, world.device)
     with main_first(world):  # rank 0 converts and caches a GGUF model once
         # The frozen base lives in the compute dtype (loaded so: no fp32 copy, no per-step re-cast).
-        loaded = load_model(cfg.model, device=world.device, dtype=dtype)
+        loaded = load_model(cfg.model, device=world.device, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     # Before the 'before' measurement, so that before and after are measured on the same (quantized) base.
     quantize_model(loaded.model, cfg.quantize, dtype)
-    data = load_datasets(cfg, loaded.tokenizer)
+    data = load_datasets(cfg, loaded.tokenizer, world.size)
     run = Run(cfg, world, Path(cfg.output), loaded.model, loaded.tokenizer, loaded.source, dtype, data, started)
     if world.is_main:
         run.out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.out / "config.yaml")
+        run.trackers = make_trackers(cfg.report_to, run.out, run_name=run.out.name)
+        run.trackers.log_config(asdict(cfg))
     return run
 
 
@@ -165,8 +170,9 @@ def build_trainer(run: Run) -> Trainer:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     counts = summary(model, print_summary=False)
-    plan = BatchPlan(len(run.data.train), cfg.batch_size, world.size, cfg.grad_accum, cfg.seed)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(run.data.train) / plan.global_batch))
+    # a stream has no length: TrainConfig asks for --max-steps with --streaming
+    plan = BatchPlan(run.data.size or 1, cfg.batch_size, world.size, cfg.grad_accum, cfg.seed)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * run.data.size / plan.global_batch))
     optimizer = make_optimizer(model, cfg, methods)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     step_module: nn.Module = CausalLMLoss(model)
@@ -206,8 +212,8 @@ def train_step(run: Run, trainer: Trainer, step: int) -> tuple[float, int]:
         TrainingDiverged: the loss is NaN or Inf (the weights are left as they were before the step).
     """
     world = run.world
-    micro = [collate([run.data.train[i] for i in idx], run.tokenizer.pad_token_id)
-             for idx in trainer.plan.micro_batches(step, world.rank)]
+    micro = [collate(examples, run.tokenizer.pad_token_id)
+             for examples in run.data.micro_batches(trainer.plan, step, world.rank)]
     global_tokens = world.sum(sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in micro))
     loss = world.sum(accumulate_gradients(run, trainer, micro, global_tokens)) / max(global_tokens, 1)
     if trainer.preserve is not None:
@@ -250,8 +256,9 @@ def update(run: Run, trainer: Trainer, step: int) -> None:
     optimizer, scaler = trainer.optimizer, trainer.scaler
     if scaler:
         scaler.unscale_(optimizer)
-    if run.cfg.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad], run.cfg.max_grad_norm)
+    # max_norm=inf measures the norm without clipping
+    trainer.grad_norm = float(torch.nn.utils.clip_grad_norm_(
+        [p for p in run.model.parameters() if p.requires_grad], run.cfg.max_grad_norm or math.inf))
     if scaler:
         scaler.step(optimizer)
         scaler.update()
@@ -305,8 +312,10 @@ def finish(run: Run, trainer: Trainer, before: EvalResult | None, tokens_per_s: 
         guard_note = trainer.guard.restore(lambda s: load_trainable_state(run.model, s)) if trainer.guard else None
         with atomic_directory(run.out / "adapter") as tmp:
             save_run_adapter(trainer.methods, run.model, tmp)
+        after = measure(run)
+        run.trackers.log_metrics(eval_metrics(after.to_dict(), "after"), step=trainer.total_steps)
         result = write_run_report(
-            run.out, run.cfg, before=before, after=measure(run), counts=trainer.counts, steps=trainer.total_steps,
+            run.out, run.cfg, before=before, after=after, counts=trainer.counts, steps=trainer.total_steps,
             tokens_per_s=tokens_per_s, wall_s=time.perf_counter() - run.started, world_size=run.world.size,
             tokenizer=run.tokenizer, guard_note=guard_note,
         )
@@ -329,9 +338,13 @@ def train(cfg: TrainConfig) -> dict:
     """
     started = time.perf_counter()
     world = init_world(cfg.device)
+    trackers = Trackers([])
     try:
         run = setup_run(cfg, world, started)
+        trackers = run.trackers
         before = measure(run)
+        if before is not None:
+            trackers.log_metrics(eval_metrics(before.to_dict(), "before"), step=0)
         trainer = build_trainer(run)
         start_step = resume(run, trainer)
         if cfg.max_forgetting > 0 and world.is_main:
@@ -339,22 +352,27 @@ def train(cfg: TrainConfig) -> dict:
         metrics = MetricsLog(run.out / "metrics.jsonl", enabled=world.is_main, truncate_after=start_step)
 
         run.model.train()
-        bar = tqdm(total=trainer.total_steps, initial=start_step, disable=not world.is_main, desc="train",
-                   dynamic_ncols=True)
+        progress = Progress(trainer.total_steps, start_step, enabled=world.is_main and not cfg.quiet,
+                            log_every=cfg.log_every)
         tokens_seen, train_time = 0, 0.0
         for step in range(start_step, trainer.total_steps):
             t0 = time.perf_counter()
             loss, tokens = train_step(run, trainer, step)
             elapsed = time.perf_counter() - t0
             tokens_seen, train_time = tokens_seen + tokens, train_time + elapsed
-            metrics.write({"step": step + 1, "loss": loss, "lr": trainer.scheduler.get_last_lr()[0],
-                           "tokens_per_s": tokens / elapsed, "step_s": elapsed, **maybe_evaluate(run, trainer, step),
-                           **maybe_probe(run, trainer, step)})
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_seen / train_time:.0f}")
-            bar.update(1)
+            record = {"step": step + 1, **run.data.epoch(trainer.plan, step + 1), "loss": loss, "lr": trainer.scheduler.get_last_lr()[0], "grad_norm": trainer.grad_norm,
+                      "tokens_per_s": tokens / elapsed, "step_s": elapsed, **maybe_evaluate(run, trainer, step),
+                      **maybe_probe(run, trainer, step)}
+            metrics.write(record)
+            trackers.log_metrics(train_metrics(record), step=step + 1)
+            progress.update(record)
             maybe_checkpoint(run, trainer, step, loss)
-        bar.close()
+        progress.close()
 
         return finish(run, trainer, before, tokens_seen / train_time if train_time else None)
+    except BaseException:
+        trackers.close(failed=True)
+        raise
     finally:
+        trackers.close()
         close_world(world)

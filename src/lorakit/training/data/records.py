@@ -1,13 +1,15 @@
 """Reading training data: load and validate a file's records, and hold some out for evaluation.
 
-Three formats:
+Four formats:
 
 - ``text``: causal LM on the field ``text`` (a ``.txt`` file is split into documents on
   blank lines); every token is trained.
 - ``instruction``: Alpaca-style ``instruction``, optional ``input``, ``output``; only the
   response is trained by default.
-- ``chat``: ``messages``, a list of ``{"role", "content"}`` with roles system/user/assistant
-  and at least one assistant message; every assistant turn is trained.
+- ``chat``: OpenAI ``messages``, a list of ``{"role", "content"}`` with roles
+  system/user/assistant/tool, assistant tool calls and a ``tools`` list (`conversation`), and at
+  least one assistant message; every assistant turn is trained.
+- ``sharegpt``: ``conversations``, a list of ``{"from", "value"}``; read into chat records.
 
 Loaded records carry their 1-based source line in the private key ``_line`` so that later
 errors (e.g. a sample longer than ``--max-seq-len``) can name ``file:line`` (``record_location``).
@@ -21,9 +23,9 @@ from pathlib import Path
 from typing import Iterator
 
 from lorakit.core.errors import LorakitError
+from lorakit.training.data.conversation import chat_record, sharegpt_record
 
-FORMATS = ("text", "instruction", "chat")
-ROLES = ("system", "user", "assistant")
+FORMATS = ("text", "instruction", "chat", "sharegpt")
 _EXTENSIONS = (".jsonl", ".csv", ".txt")
 
 
@@ -33,14 +35,14 @@ def load_records(path: str | Path, format: str | None = None) -> tuple[list[dict
     Args:
         path: a ``.jsonl`` (one object per line, blank lines allowed), ``.csv`` (header row)
             or ``.txt`` (documents separated by blank lines) file.
-        format: ``"text"``, ``"instruction"`` or ``"chat"``; None detects it from the first
-            record's keys (``messages`` -> chat, ``instruction`` -> instruction,
-            ``text`` -> text). A ``.txt`` file is always ``text``.
+        format: ``"text"``, ``"instruction"``, ``"chat"`` or ``"sharegpt"``; None detects it from the
+            first record's keys (see `detect_format`). A ``.txt`` file is always ``text``.
 
     Returns:
         ``(records, format)``. Records are normalized dicts: ``{"text"}``,
-        ``{"instruction", "input", "output"}`` (input defaults to ``""``) or ``{"messages"}``,
-        each with its 1-based source line in ``"_line"``.
+        ``{"instruction", "input", "output"}`` (input defaults to ``""``) or ``{"messages"[, "tools"]}``,
+        each with its 1-based source line in ``"_line"``; ShareGPT records come back as chat records,
+        with format ``"chat"``.
 
     Raises:
         LorakitError: the file is missing, empty or has an unsupported extension, the format
@@ -76,12 +78,12 @@ def load_records(path: str | Path, format: str | None = None) -> tuple[list[dict
     records = []
     for line, row in rows:
         if format is None:
-            format = _detect_format(row, f"{path}:{line}")
-        records.append({**_validate(row, format, f"{path}:{line}"), "_line": line})
+            format = detect_format(row, f"{path}:{line}")
+        records.append({**validate_record(row, format, f"{path}:{line}"), "_line": line})
     if not records:
         raise LorakitError(f"{path}: the file holds no records; add at least one.")
     assert format is not None  # set by the first record
-    return records, format
+    return records, record_format(format)
 
 
 def _txt_rows(text: str) -> Iterator[tuple[int, dict]]:
@@ -148,16 +150,27 @@ def _csv_rows(text: str, path: Path) -> Iterator[tuple[int, dict]]:
         yield start, row
 
 
-def _detect_format(row: dict, where: str) -> str:
-    """Guess the format from the first record's keys."""
-    for key, format in (("messages", "chat"), ("instruction", "instruction"), ("text", "text")):
-        if key in row:
+def detect_format(row: dict, where: str) -> str:
+    """The format of a record from its keys: messages -> chat, conversations -> sharegpt,
+    instruction -> instruction, text -> text (the first that it has).
+
+    Raises:
+        LorakitError: the record has none of them; the message names `where`.
+    """
+    for key, format in (("messages", "chat"), ("conversations", "sharegpt"), ("instruction", "instruction"),
+                        ("text", "text")):
+        if row.get(key) is not None:
             return format
     raise LorakitError(
         f"{where}: cannot detect the data format from the fields {sorted(row)}; records need "
-        "'text' (text), 'instruction' and 'output' (instruction) or 'messages' (chat), "
-        "or pass the format explicitly."
+        "'text' (text), 'instruction' and 'output' (instruction), 'messages' (chat) or "
+        "'conversations' (sharegpt), or pass the format explicitly."
     )
+
+
+def record_format(format: str) -> str:
+    """The format of validated records: ShareGPT records are validated into chat records."""
+    return "chat" if format == "sharegpt" else format
 
 
 def _string_field(row: dict, key: str, where: str, *, required: bool = True, nonempty: bool = False) -> str:
@@ -174,8 +187,13 @@ def _string_field(row: dict, key: str, where: str, *, required: bool = True, non
     return value
 
 
-def _validate(row: dict, format: str, where: str) -> dict:
-    """Check one raw record against ``format`` and return its normalized form (no ``_line``)."""
+def validate_record(row: dict, format: str, where: str) -> dict:
+    """Check one raw record against ``format`` and return its normalized form (no ``_line``).
+
+    Raises:
+        LorakitError: a field is missing, of the wrong type or empty, or a conversation is malformed; the
+            message starts with `where` (``file:line``).
+    """
     if format == "text":
         return {"text": _string_field(row, "text", where, nonempty=True)}
     if format == "instruction":
@@ -184,30 +202,7 @@ def _validate(row: dict, format: str, where: str) -> dict:
             "input": _string_field(row, "input", where, required=False),
             "output": _string_field(row, "output", where, nonempty=True),
         }
-    messages = row.get("messages")
-    if messages is None:
-        raise LorakitError(
-            f"{where}: missing field 'messages'; chat records need a list of {{role, content}}."
-        )
-    if not isinstance(messages, list) or not messages:
-        raise LorakitError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects.")
-    clean = []
-    for i, message in enumerate(messages):
-        at = f"{where}: messages[{i}]"
-        if not isinstance(message, dict):
-            raise LorakitError(
-                f"{at} must be an object with 'role' and 'content', got {type(message).__name__}."
-            )
-        role = message.get("role")
-        if role not in ROLES:
-            raise LorakitError(f"{at}: unknown role {role!r}; use one of {', '.join(ROLES)}.")
-        content = _string_field(message, "content", at, nonempty=role == "assistant")
-        clean.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in clean):
-        raise LorakitError(
-            f"{where}: the conversation has no assistant message, so there is nothing to train on; add one."
-        )
-    return {"messages": clean}
+    return sharegpt_record(row, where) if format == "sharegpt" else chat_record(row, where)
 
 
 def split_heldout(
@@ -248,13 +243,16 @@ def record_location(record: dict, index: int, source: str | Path | None) -> str:
     """Where a record came from, for error messages.
 
     Args:
-        record: a record, with its source line in ``"_line"`` when it was loaded from a file.
+        record: a record, with its source line in ``"_line"`` when it was loaded from a file, or its own
+            ``"_at"`` (``file:row N``) when it was read through `datasets` (`sources`).
         index: its 0-based position in its list.
         source: the data file, or None when unknown.
 
     Returns:
-        ``file:line`` when both are known, else its line or its 1-based position.
+        ``_at``; else ``file:line`` when both are known, else its line or its 1-based position.
     """
+    if "_at" in record:
+        return record["_at"]
     if "_line" in record:
         return f"{source}:{record['_line']}" if source is not None else f"line {record['_line']}"
     return f"{source}: record {index + 1}" if source is not None else f"record {index + 1}"

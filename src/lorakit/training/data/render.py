@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from lorakit.core.errors import LorakitError
+from lorakit.training.data.conversation import check_tools_rendered, render
 from lorakit.training.data.records import record_location
 
 
@@ -22,12 +23,12 @@ def conversation(record: dict, format: str) -> list[dict]:
         format: ``"instruction"`` or ``"chat"``.
 
     Returns:
-        ``{"role", "content"}`` messages, the last one the assistant's.
+        ``{"role", "content"}`` messages (with their tool calls), the last one the assistant's.
     """
     if format == "instruction":
         user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
         return [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
-    messages = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+    messages = [dict(m) for m in record["messages"]]
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     return messages[: last + 1]
 
@@ -63,24 +64,27 @@ def render_segments(record: dict, format: str, tokenizer: Any) -> list[tuple[str
         The pieces in order, empty ones left out.
 
     Raises:
-        LorakitError: the chat template rejects the conversation, or renders earlier turns
-            differently once later turns follow, so response tokens cannot be located.
+        LorakitError: the chat template rejects the conversation, renders earlier turns
+            differently once later turns follow, so response tokens cannot be located, or leaves the
+            record's tool calls or tools out of its text.
     """
     from jinja2 import (
         TemplateError,  # chat templates are Jinja; transformers depends on it
     )
 
-    messages = conversation(record, format)
+    messages, tools = conversation(record, format), record.get("tools")
     if not getattr(tokenizer, "chat_template", None):
         return _fallback_segments(record, format, messages, tokenizer)
+    if tools or any(m.get("tool_calls") for m in messages):
+        check_tools_rendered(tokenizer, messages, tools)
     segments: list[tuple[str, bool]] = []
     done = ""  # text rendered so far; every later rendering must extend it
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         try:
-            prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False)
-            full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+            prompt = render(tokenizer, messages[:i], tools, add_generation_prompt=True)
+            full = render(tokenizer, messages[: i + 1], tools)
         except TemplateError as e:
             raise LorakitError(
                 f"the model's chat template rejects this conversation ({e}); "
@@ -106,6 +110,9 @@ def _fallback_segments(
     ``### Instruction:\\n...\\n\\n### Input:\\n...\\n\\n### Response:\\n`` then the response
     and EOS. Chat system turns become a leading paragraph, user turns become instructions.
     """
+    if record.get("tools") or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+        raise LorakitError("tool calls and tool results need the model's chat template, and this tokenizer has "
+                           "none; use a model with a chat template that supports tools.")
     eos = tokenizer.eos_token or ""
     if format == "instruction":
         prompt = f"### Instruction:\n{record['instruction']}\n\n"

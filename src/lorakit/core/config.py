@@ -7,7 +7,7 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from lorakit.core.errors import LorakitError
 
@@ -135,24 +135,19 @@ class LoraConfig:
             LorakitError: for an unknown field (naming the closest known ones), or a PEFT feature that
                 lorakit does not implement set to a non-default value.
         """
-        own = {f.name for f in dataclasses.fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, value in data.items():
-            if key in own:
-                kwargs[key] = value
-            elif key in _PEFT_FIELDS_AT_DEFAULT:
-                if key not in _IGNORED_PEFT_FIELDS and value not in (_PEFT_FIELDS_AT_DEFAULT[key], None, {}, False):
-                    raise LorakitError(
-                        f"{source}: {key}={value!r} asks for a PEFT feature lorakit does not support; "
-                        f"remove it or set it to {_PEFT_FIELDS_AT_DEFAULT[key]!r}."
-                    )
-                if key == "peft_type" and value != "LORA":
-                    raise LorakitError(f"{source}: peft_type={value!r} is not a LoRA adapter; lorakit reads peft_type 'LORA'.")
-            else:
-                close = difflib.get_close_matches(key, sorted(own), n=3)
-                hint = f" Did you mean {', '.join(close)}?" if close else f" Known fields: {', '.join(sorted(own))}."
-                raise LorakitError(f"{source}: unknown LoraConfig field {key!r}.{hint}")
-        return cls(**kwargs)
+        def check_peft_field(key: str, value: Any) -> bool:
+            if key not in _PEFT_FIELDS_AT_DEFAULT:
+                return False
+            if key not in _IGNORED_PEFT_FIELDS and value not in (_PEFT_FIELDS_AT_DEFAULT[key], None, {}, False):
+                raise LorakitError(
+                    f"{source}: {key}={value!r} asks for a PEFT feature lorakit does not support; "
+                    f"remove it or set it to {_PEFT_FIELDS_AT_DEFAULT[key]!r}."
+                )
+            if key == "peft_type" and value != "LORA":
+                raise LorakitError(f"{source}: peft_type={value!r} is not a LoRA adapter; lorakit reads peft_type 'LORA'.")
+            return True
+
+        return dataclass_from_fields(cls, data, source, check_peft_field)
 
     def replace(self, **changes: Any) -> "LoraConfig":
         """A copy with some fields changed (validated again)."""
@@ -193,16 +188,34 @@ def config_from_dict(cls: type, data: dict[str, Any], peft_type: str, source: st
     unsupported = unsupported or {}
     if data.get("peft_type", peft_type) != peft_type:
         raise LorakitError(f"{source}: peft_type={data['peft_type']!r}, expected {peft_type!r}.")
+
+    def check_peft_field(key: str, value: Any) -> bool:
+        if key in unsupported and value not in (unsupported[key], None):
+            raise LorakitError(f"{source}: {key}={value!r} asks for a PEFT feature lorakit does not support; "
+                               f"set it to {unsupported[key]!r}.")
+        return key in unsupported or key in PEFT_METADATA or key in ignored
+
+    return dataclass_from_fields(cls, data, source, check_peft_field)
+
+
+def dataclass_from_fields(cls: type, data: dict[str, Any], source: str,
+                          check_peft_field: Callable[[str, Any], bool]) -> Any:
+    """`cls(**fields)` from the dict's keys that are `cls`'s fields; every other key goes to
+    `check_peft_field(key, value)`, which raises for a value lorakit refuses and says whether it knows the key.
+
+    Returns:
+        An instance of `cls`.
+
+    Raises:
+        LorakitError: a key that is neither a field nor known to `check_peft_field` (naming the closest
+            fields), or whatever `check_peft_field` or `cls` raise.
+    """
     own = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key in own:
             kwargs[key] = value
-        elif key in unsupported:
-            if value not in (unsupported[key], None):
-                raise LorakitError(f"{source}: {key}={value!r} asks for a PEFT feature lorakit does not support; "
-                                   f"set it to {unsupported[key]!r}.")
-        elif key not in PEFT_METADATA and key not in ignored:
+        elif not check_peft_field(key, value):
             close = difflib.get_close_matches(key, sorted(own), n=3)
             hint = f" Did you mean {', '.join(close)}?" if close else f" Known fields: {', '.join(sorted(own))}."
             raise LorakitError(f"{source}: unknown {cls.__name__} field {key!r}.{hint}")

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from lorakit.core.errors import LorakitError
+from lorakit.core.io import save_method_files
 
 Row = tuple[str, Any]
 Shapes = dict[str, tuple[int, ...]]
@@ -198,3 +199,27 @@ class ModuleMethod(Method):
     def describe(cls, config: dict[str, Any], shapes: Shapes) -> list[Row]:
         parsed = cls.functions.read_config(config)
         return [(name, getattr(parsed, name)) for name in cls.described]
+
+
+def module_names(model: nn.Module, kind: type[nn.Module]) -> list[str]:
+    """The names of `model`'s modules of type `kind` (the parts a method added)."""
+    return [name for name, module in model.named_modules() if isinstance(module, kind)]
+
+
+def save_module_files(model: nn.Module, directory: str | Path, config_key: str,
+                      tensors: Callable[[nn.Module], dict[str, torch.Tensor]], missing: str) -> Path:
+    """Write a ModuleMethod's files: the config its `apply` kept in `model.__dict__[config_key]` and
+    `tensors(model)`.
+
+    Args:
+        missing: the message when the model has no such config (nothing was applied).
+
+    Returns:
+        The directory.
+
+    Raises:
+        LorakitError: the model holds no config under `config_key`.
+    """
+    if config_key not in model.__dict__:
+        raise LorakitError(missing)
+    return save_method_files(directory, model.__dict__[config_key].to_dict(), tensors(model))

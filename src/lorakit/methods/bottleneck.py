@@ -23,9 +23,9 @@ from torch import nn
 
 from lorakit.core.config import config_from_dict
 from lorakit.core.errors import LorakitError
-from lorakit.core.io import PREFIX, load_method_files, save_method_files
+from lorakit.core.io import PREFIX, load_method_files
 from lorakit.core.matching import name_matches
-from lorakit.methods.base import ModuleFunctions, ModuleMethod
+from lorakit.methods.base import ModuleFunctions, ModuleMethod, module_names, save_module_files
 
 PEFT_TYPE = "BOTTLENECK"
 _CONFIG_KEY = "lorakit_bottleneck_config"
@@ -170,9 +170,8 @@ def save(model: nn.Module, directory: str | Path) -> Path:
     Raises:
         LorakitError: the model has none.
     """
-    if _CONFIG_KEY not in model.__dict__:
-        raise LorakitError("the model has no bottleneck adapters to save; add them with lorakit.methods.bottleneck.apply.")
-    return save_method_files(directory, model.__dict__[_CONFIG_KEY].to_dict(), state_dict(model))
+    return save_module_files(model, directory, _CONFIG_KEY, state_dict,
+                             "the model has no bottleneck adapters to save; add them with lorakit.methods.bottleneck.apply.")
 
 
 def load(model: nn.Module, directory: str | Path, is_trainable: bool = False) -> nn.Module:
@@ -195,7 +194,7 @@ def remove(model: nn.Module) -> nn.Module:
 
 def adapter_names(model: nn.Module) -> list[str]:
     """The names of the model's bottleneck adapter modules (`<host>.bottleneck`)."""
-    return [name for name, module in model.named_modules() if isinstance(module, Bottleneck)]
+    return module_names(model, Bottleneck)
 
 
 @dataclass

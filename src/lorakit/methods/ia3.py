@@ -22,10 +22,10 @@ from torch import nn
 from lorakit.core.config import config_from_dict
 from lorakit.core.errors import LorakitError
 from lorakit.core.inject import named_candidates
-from lorakit.core.io import PREFIX, load_method_files, save_method_files
+from lorakit.core.io import PREFIX, load_method_files
 from lorakit.core.layers import LoraLayer, is_transposed_linear
 from lorakit.core.matching import is_linear, name_matches
-from lorakit.methods.base import ModuleFunctions, ModuleMethod, Row, Shapes
+from lorakit.methods.base import ModuleFunctions, ModuleMethod, Row, Shapes, save_module_files
 
 PEFT_TYPE = "IA3"
 _CONFIG_KEY = "lorakit_ia3_config"
@@ -181,9 +181,8 @@ def save(model: nn.Module, directory: str | Path) -> Path:
     Raises:
         LorakitError: the model has no IA3 adapter.
     """
-    if _CONFIG_KEY not in model.__dict__:
-        raise LorakitError("the model has no IA3 adapter to save; add one with lorakit.methods.ia3.apply(model, IA3Config()).")
-    return save_method_files(directory, model.__dict__[_CONFIG_KEY].to_dict(), state_dict(model))
+    return save_module_files(model, directory, _CONFIG_KEY, state_dict,
+                             "the model has no IA3 adapter to save; add one with lorakit.methods.ia3.apply(model, IA3Config()).")
 
 
 def load(model: nn.Module, directory: str | Path, is_trainable: bool = False) -> nn.Module:

@@ -20,55 +20,76 @@ import dataclasses
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Collection
 
 import torch
 from torch import nn
 
 from lorakit.core.config import config_from_dict
 from lorakit.core.errors import LorakitError
-from lorakit.core.io import load_method_files, save_method_files
-from lorakit.methods.base import ModuleFunctions, ModuleMethod
+from lorakit.core.io import load_method_files
+from lorakit.methods.base import ModuleFunctions, ModuleMethod, module_names, save_module_files
 
 PEFT_TYPE = "PREFIX_TUNING"
 INITS = ("vocab", "random")
 FILE_KEY = "prompt_embeddings"
+_CONFIG_KEY = "lorakit_prefix_config"
 
 
 @dataclass
-class PrefixConfig:
-    """How many virtual tokens and how they start; the geometry fields are filled from the model.
+class VirtualTokenConfig:
+    """What prefix and prompt tuning configs share (PEFT's PromptLearningConfig fields): how many virtual
+    tokens and how they start.
 
     Args:
-        num_virtual_tokens: P, the prefix length.
-        init: "vocab": the keys/values the model itself computes for P random vocabulary tokens (Li &
-            Liang's initialization from real activations); "random": N(0, 1), as PEFT.
-        num_layers, num_attention_heads, token_dim: the model's layers, key/value heads and
-            kv_heads * head_dim (PEFT's fields; set by `apply`, checked when loading).
+        num_virtual_tokens: P, the number of virtual tokens.
+        init: one of the subclass's `inits`: "vocab" starts from P random vocabulary tokens, "random" from N(0, 1).
+        token_dim: the width of one virtual token (set by `apply`, checked when loading).
         base_model_name_or_path: the base model (recorded).
-        task_type: PEFT's task type; PEFT needs "CAUSAL_LM" to apply a prefix.
+        task_type: PEFT's task type; PEFT needs "CAUSAL_LM" to apply a prefix or prompt.
 
     Raises:
         LorakitError: a non-positive length or an unknown init.
     """
 
+    inits: ClassVar[Collection[str]] = INITS
     num_virtual_tokens: int = 20
     init: str = "vocab"
-    num_layers: int | None = None
-    num_attention_heads: int | None = None
     token_dim: int | None = None
     base_model_name_or_path: str | None = None
     task_type: str | None = "CAUSAL_LM"
 
     def __post_init__(self) -> None:
-        check_virtual_token_fields(self.num_virtual_tokens, self.init, INITS)
+        check_virtual_token_fields(self.num_virtual_tokens, self.init, self.inits)
+
+    def peft_fields(self) -> dict[str, Any]:
+        """The adapter_config.json fields both methods write: every field but `init` (lorakit's, not
+        PEFT's), and PEFT's fixed ones."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "init"}
+        return {**out, "num_transformer_submodules": 1, "modules_to_save": None, "inference_mode": True}
+
+
+@dataclass
+class PrefixConfig(VirtualTokenConfig):
+    """A prefix's config; the geometry fields are filled from the model.
+
+    Args (beyond VirtualTokenConfig's):
+        init: "vocab": the keys/values the model itself computes for P random vocabulary tokens (Li &
+            Liang's initialization from real activations); "random": N(0, 1), as PEFT.
+        num_layers, num_attention_heads: the model's layers and key/value heads; token_dim is
+            kv_heads * head_dim (PEFT's fields; set by `apply`, checked when loading).
+
+    Raises:
+        LorakitError: a non-positive length or an unknown init.
+    """
+
+    num_layers: int | None = None
+    num_attention_heads: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a PEFT adapter_config.json dict (how the prefix started is not PEFT's to know)."""
-        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "init"}
-        return {**out, "peft_type": PEFT_TYPE, "prefix_projection": False,
-                "num_transformer_submodules": 1, "encoder_hidden_size": self.token_dim, "modules_to_save": None,
-                "init_weights": None, "inference_mode": True}
+        return {**self.peft_fields(), "peft_type": PEFT_TYPE, "prefix_projection": False,
+                "encoder_hidden_size": self.token_dim, "init_weights": None}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "PrefixConfig":
@@ -240,8 +261,12 @@ def apply(model: nn.Module, config: PrefixConfig) -> nn.Module:
         encoder.init_from_activations(decoder)
     decoder.prefix_tuning = encoder
     encoder.handle = decoder.register_forward_pre_hook(_hook, with_kwargs=True)
-    model.__dict__["lorakit_prefix_config"] = dataclasses.replace(config, **wanted)
+    model.__dict__[_CONFIG_KEY] = dataclasses.replace(config, **wanted)
     return model
+
+
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {FILE_KEY: prefix_encoder(model).prompt_embeddings}
 
 
 def save(model: nn.Module, directory: str | Path) -> Path:
@@ -250,11 +275,8 @@ def save(model: nn.Module, directory: str | Path) -> Path:
     Raises:
         LorakitError: the model has no prefix.
     """
-    encoder = prefix_encoder(model)
-    if encoder is None:
-        raise LorakitError("the model has no prefix to save; add one with lorakit.methods.prefix.apply(model, PrefixConfig()).")
-    return save_method_files(directory, model.__dict__["lorakit_prefix_config"].to_dict(),
-                             {FILE_KEY: encoder.prompt_embeddings})
+    return save_module_files(model, directory, _CONFIG_KEY, _tensors,
+                             "the model has no prefix to save; add one with lorakit.methods.prefix.apply(model, PrefixConfig()).")
 
 
 def load(model: nn.Module, directory: str | Path, is_trainable: bool = False) -> nn.Module:
@@ -265,7 +287,7 @@ def load(model: nn.Module, directory: str | Path, is_trainable: bool = False) ->
     """
     return load_method_files(model, directory, PrefixConfig.from_dict,
                              lambda m, c: apply(m, dataclasses.replace(c, init="random")),  # the file replaces the init
-                             lambda m: {FILE_KEY: prefix_encoder(m).prompt_embeddings}, remove, is_trainable)
+                             _tensors, remove, is_trainable)
 
 
 def remove(model: nn.Module) -> nn.Module:
@@ -273,13 +295,13 @@ def remove(model: nn.Module) -> nn.Module:
     decoder = decoder_of(model)
     decoder.prefix_tuning.handle.remove()
     del decoder.prefix_tuning
-    model.__dict__.pop("lorakit_prefix_config", None)
+    model.__dict__.pop(_CONFIG_KEY, None)
     return model
 
 
 def encoder_names(model: nn.Module) -> list[str]:
     """The name of the model's prefix module, or none."""
-    return [name for name, module in model.named_modules() if isinstance(module, PrefixEncoder)]
+    return module_names(model, PrefixEncoder)
 
 
 @dataclass

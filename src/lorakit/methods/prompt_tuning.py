@@ -15,61 +15,50 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Collection
 
 import torch
 from torch import nn
 
 from lorakit.core.config import config_from_dict
 from lorakit.core.errors import LorakitError
-from lorakit.core.io import load_method_files, save_method_files
-from lorakit.methods.base import ModuleFunctions, ModuleMethod
+from lorakit.core.io import load_method_files
+from lorakit.methods.base import ModuleFunctions, ModuleMethod, module_names, save_module_files
 from lorakit.methods.prefix import (
     FILE_KEY,
+    VirtualTokenConfig,
     VirtualTokenOptions,
     bind_call,
     cache_argument,
-    check_virtual_token_fields,
     decoder_of,
     prefix_encoder,
     shift_for_virtual_tokens,
 )
 
 PEFT_TYPE = "PROMPT_TUNING"
+_CONFIG_KEY = "lorakit_prompt_config"
 # lorakit's init names and PEFT's (prompt_tuning_init).
 INITS = {"vocab": "SAMPLE_VOCAB", "random": "RANDOM"}
 
 
 @dataclass
-class PromptTuningConfig:
-    """How many virtual tokens and how they start.
+class PromptTuningConfig(VirtualTokenConfig):
+    """A prompt's config (the fields are VirtualTokenConfig's).
 
     Args:
-        num_virtual_tokens: P, the prompt length.
         init: "vocab": embeddings of P random vocabulary tokens (PEFT's SAMPLE_VOCAB); "random": N(0, 1).
         token_dim: the model's hidden size (set by `apply`, checked when loading).
-        base_model_name_or_path: the base model (recorded).
-        task_type: PEFT's task type; PEFT needs "CAUSAL_LM" to apply a prompt.
 
     Raises:
         LorakitError: a non-positive length or an unknown init.
     """
 
-    num_virtual_tokens: int = 20
-    init: str = "vocab"
-    token_dim: int | None = None
-    base_model_name_or_path: str | None = None
-    task_type: str | None = "CAUSAL_LM"
-
-    def __post_init__(self) -> None:
-        check_virtual_token_fields(self.num_virtual_tokens, self.init, INITS)
+    inits: ClassVar[Collection[str]] = INITS
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a PEFT adapter_config.json dict."""
-        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "init"}
-        return {**out, "peft_type": PEFT_TYPE, "prompt_tuning_init": INITS[self.init], "num_transformer_submodules": 1,
-                "prompt_tuning_init_text": None, "tokenizer_name_or_path": None, "tokenizer_kwargs": None,
-                "modules_to_save": None, "inference_mode": True}
+        return {**self.peft_fields(), "peft_type": PEFT_TYPE, "prompt_tuning_init": INITS[self.init],
+                "prompt_tuning_init_text": None, "tokenizer_name_or_path": None, "tokenizer_kwargs": None}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "PromptTuningConfig":
@@ -150,8 +139,12 @@ def apply(model: nn.Module, config: PromptTuningConfig) -> nn.Module:
             prompt.prompt_embeddings.copy_(embeddings(ids).float())
     decoder.prompt_tuning = prompt
     prompt.handles = [decoder.register_forward_pre_hook(_before, with_kwargs=True), decoder.register_forward_hook(_after)]
-    model.__dict__["lorakit_prompt_config"] = dataclasses.replace(config, token_dim=hidden)
+    model.__dict__[_CONFIG_KEY] = dataclasses.replace(config, token_dim=hidden)
     return model
+
+
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {FILE_KEY: prompt_embedding(model).prompt_embeddings}
 
 
 def save(model: nn.Module, directory: str | Path) -> Path:
@@ -160,11 +153,8 @@ def save(model: nn.Module, directory: str | Path) -> Path:
     Raises:
         LorakitError: the model has no prompt.
     """
-    prompt = prompt_embedding(model)
-    if prompt is None:
-        raise LorakitError("the model has no prompt to save; add one with lorakit.methods.prompt_tuning.apply(model, PromptTuningConfig()).")
-    return save_method_files(directory, model.__dict__["lorakit_prompt_config"].to_dict(),
-                             {FILE_KEY: prompt.prompt_embeddings})
+    return save_module_files(model, directory, _CONFIG_KEY, _tensors, "the model has no prompt to save; add one with "
+                             "lorakit.methods.prompt_tuning.apply(model, PromptTuningConfig()).")
 
 
 def load(model: nn.Module, directory: str | Path, is_trainable: bool = False) -> nn.Module:
@@ -175,7 +165,7 @@ def load(model: nn.Module, directory: str | Path, is_trainable: bool = False) ->
     """
     return load_method_files(model, directory, PromptTuningConfig.from_dict,
                              lambda m, c: apply(m, dataclasses.replace(c, init="random")),  # the file replaces the init
-                             lambda m: {FILE_KEY: prompt_embedding(m).prompt_embeddings}, remove, is_trainable)
+                             _tensors, remove, is_trainable)
 
 
 def remove(model: nn.Module) -> nn.Module:
@@ -184,13 +174,13 @@ def remove(model: nn.Module) -> nn.Module:
     for handle in decoder.prompt_tuning.handles:
         handle.remove()
     del decoder.prompt_tuning
-    model.__dict__.pop("lorakit_prompt_config", None)
+    model.__dict__.pop(_CONFIG_KEY, None)
     return model
 
 
 def prompt_names(model: nn.Module) -> list[str]:
     """The name of the model's prompt module, or none."""
-    return [name for name, module in model.named_modules() if isinstance(module, PromptEmbedding)]
+    return module_names(model, PromptEmbedding)
 
 
 class PromptMethod(ModuleMethod):

@@ -23,7 +23,7 @@ import importlib
 import inspect
 import random
 from types import ModuleType
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from lorakit.core.errors import LorakitError
 
@@ -122,14 +122,33 @@ def builtin_task(n_train: int = 2000, n_eval: int = 100, seed: int = 0) -> tuple
     Raises:
         LorakitError: a negative count.
     """
+    # The space holds billions of notes, so collisions are rare and the loop ends quickly.
+    return distinct_records(_order, n_train, n_eval, seed)
+
+
+def distinct_records(make: Callable[[random.Random], dict], n_train: int, n_eval: int,
+                     seed: int) -> tuple[list[dict], list[dict]]:
+    """Train and held-out records drawn from `make`, no "input" twice (so none is in both sets).
+
+    Args:
+        make: draws one ``{"instruction", "input", "output"}`` record from the generator it is given.
+        n_train: number of training records.
+        n_eval: number of held-out records.
+        seed: generator seed; the same arguments always give the same records.
+
+    Returns:
+        ``(train, eval)``.
+
+    Raises:
+        LorakitError: a negative count.
+    """
     if n_train < 0 or n_eval < 0:
         raise LorakitError(f"Record counts must be non-negative, got n_train={n_train}, n_eval={n_eval}.")
     rng = random.Random(seed)
     seen: set[str] = set()
     records: list[dict] = []
-    # The space holds billions of notes, so collisions are rare and the loop ends quickly.
     while len(records) < n_eval + n_train:
-        record = _order(rng)
+        record = make(rng)
         if record["input"] not in seen:
             seen.add(record["input"])
             records.append(record)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 
 from lorakit.core.errors import LorakitError
+from lorakit.training.tasks import distinct_records
 
 INSTRUCTION = ("Route the customer message to one team: billing, delivery, refund, account, technical or "
                "feedback. Answer with the team name only.")
@@ -90,17 +91,7 @@ def ticket_task(n_train: int = 2000, n_eval: int = 100, seed: int = 0) -> tuple[
     Raises:
         LorakitError: a negative count, or more records than there are distinct messages.
     """
-    if n_train < 0 or n_eval < 0:
-        raise LorakitError(f"Record counts must be non-negative, got n_train={n_train}, n_eval={n_eval}.")
-    if n_train + n_eval > 200_000:
+    if n_train >= 0 and n_eval >= 0 and n_train + n_eval > 200_000:
         raise LorakitError(f"the ticket task holds about 200,000 distinct messages; ask for fewer than "
                            f"{n_train + n_eval} records.")
-    rng = random.Random(seed)
-    seen: set[str] = set()
-    records: list[dict] = []
-    while len(records) < n_eval + n_train:
-        record = _ticket(rng)
-        if record["input"] not in seen:
-            seen.add(record["input"])
-            records.append(record)
-    return records[n_eval:], records[:n_eval]
+    return distinct_records(_ticket, n_train, n_eval, seed)

@@ -6,6 +6,12 @@ and streamed results. Below the HTTP layer: nothing here knows about HTTP.
 It may import core, methods and training; tools and cli import it.
 """
 from lorakit.serve.engine import Engine, EngineConfig
-from lorakit.serve.requests import Completion, Delta, Request, RequestHandle, SamplingParams
+from lorakit.serve.requests import (
+    Completion,
+    Delta,
+    Request,
+    RequestHandle,
+    SamplingParams,
+)
 
 __all__ = ["Completion", "Delta", "Engine", "EngineConfig", "Request", "RequestHandle", "SamplingParams"]

@@ -4,17 +4,17 @@ group, and kept in a least-recently-used store of bounded size.
 The engine runs projections that share an input as one GEMM (q/k/v, gate/up). An adapter is laid out to
 match: for each group, the A factors of its projections are stacked, A: (layers, R, d_in), and the scaled
 B factors form a block-diagonal Bt: (layers, R, d_out), so that x A^T Bt is the update of the whole fused
-output in two products. R is the sum of the group's ranks in the layer that has the most; layers of lower
-rank are zero-padded (zero rows add nothing). rank_pattern / alpha_pattern / rsLoRA give each module its
-own scaling, folded into Bt. DoRA adds g = m / ||W + s B A|| per output row (1 where the adapter is plain
-LoRA), computed once at load.
+output in two products. Projection i owns rows offsets[i]..offsets[i] + ranks[i] of A and Bt in every
+layer, its rank being its largest over the layers; a layer of lower rank is zero-padded (zero rows add
+nothing). rank_pattern / alpha_pattern / rsLoRA give each module its own scaling, folded into Bt. DoRA adds
+g = m / ||W + s B A|| per output row (1 where the adapter is plain LoRA), computed once at load.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -56,6 +56,7 @@ class GroupFactors:
     Bt: torch.Tensor  # (layers, R, d_out): scaling * B^T, block-diagonal over the group's projections
     g: torch.Tensor | None  # (layers, d_out) DoRA's per-row scale, None without DoRA
     present: list[bool]  # layers where the adapter adapts some projection of the group
+    ranks: tuple[int, ...]  # each projection's rank (0: not adapted), its rows of A and Bt in order
 
     @property
     def rank(self) -> int:
@@ -125,8 +126,9 @@ def _module_factors(name: str, parts: dict, shape: tuple[int, int], config: Lora
 def _stack_group(layers: list[GroupLayout], per_module: dict, base_weight: Callable[[str], torch.Tensor],
                  dtype: torch.dtype, device: torch.device) -> GroupFactors | None:
     """One group's factors of every layer, stacked and zero-padded to the largest rank (see module docstring)."""
-    ranks = [sum(per_module[m][0].shape[0] for m in layout.modules if m in per_module) for layout in layers]
-    R = max(ranks)
+    ranks = tuple(max((per_module[layout.modules[i]][0].shape[0] for layout in layers if layout.modules[i] in per_module),
+                      default=0) for i in range(len(layers[0].modules)))
+    R = sum(ranks)
     if R == 0:
         return None
     first = layers[0]
@@ -134,9 +136,10 @@ def _stack_group(layers: list[GroupLayout], per_module: dict, base_weight: Calla
     Bt = torch.zeros(len(layers), R, first.out_features)
     uses_dora = any(per_module[m][2] is not None for layout in layers for m in layout.modules if m in per_module)
     g = torch.ones(len(layers), first.out_features) if uses_dora else None
+    present = []
     for i, layout in enumerate(layers):
         row, col = 0, 0
-        for module, width in zip(layout.modules, layout.out_sizes):
+        for module, width, rank in zip(layout.modules, layout.out_sizes, ranks):
             if module in per_module:
                 a, b, m = per_module[module]
                 A[i, row:row + a.shape[0]] = a
@@ -144,10 +147,11 @@ def _stack_group(layers: list[GroupLayout], per_module: dict, base_weight: Calla
                 if m is not None:  # DoRA: ||W + s B A|| per output row, the norm PEFT and lorakit use
                     norm = torch.linalg.vector_norm(base_weight(module).float() + b @ a, dim=1)
                     g[i, col:col + width] = m.float() / norm
-                row += a.shape[0]
+            row += rank
             col += width
-    to = dict(dtype=dtype, device=device)
-    return GroupFactors(A.to(**to), Bt.to(**to), None if g is None else g.to(**to), [r > 0 for r in ranks])
+        present.append(any(m in per_module for m in layout.modules))
+    to = {"dtype": dtype, "device": device}
+    return GroupFactors(A.to(**to), Bt.to(**to), None if g is None else g.to(**to), present, ranks)
 
 
 def read_adapter(name: str, directory: str | Path, layout: list[list[GroupLayout]],

@@ -30,7 +30,13 @@ from lorakit.serve.detokenize import IncrementalText
 from lorakit.serve.kv_cache import layout_moves
 from lorakit.serve.llama import GROUPS, LlamaRunner, StepBatch
 from lorakit.serve.multi_lora import GatherPlan, LoraBatch, RowFactors, SegmentPlan
-from lorakit.serve.requests import Completion, Delta, Request, RequestHandle, SamplingParams
+from lorakit.serve.requests import (
+    Completion,
+    Delta,
+    Request,
+    RequestHandle,
+    SamplingParams,
+)
 from lorakit.serve.sampling import make_generator, sample
 from lorakit.training.evaluate import stop_token_ids
 
@@ -115,7 +121,7 @@ class Engine:
         self.lora_dtype = names.get(config.lora_dtype) or (torch.float32 if self.device.type == "cpu" else self.runner.dtype)
         self.stop_ids = set(stop_token_ids(tokenizer))
         self.store = AdapterStore(self._read, config.max_loaded_adapters)
-        dims = {g: (len(self.runner.layout), layout.in_features, layout.out_features)
+        dims = {g: (len(self.runner.layout), layout.in_features, layout.out_sizes)
                 for g, layout in zip(GROUPS, self.runner.layout[0])}
         self.row_factors = RowFactors(dims, config.max_batch_size + 1, self.lora_dtype, self.device) \
             if config.lora_strategy == "gather" else None
@@ -132,7 +138,7 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, model: str | None = None, config: EngineConfig | None = None, *,
-                        dtype: torch.dtype | None = None, device: str | None = None) -> "Engine":
+                        dtype: torch.dtype | None = None, device: str | None = None) -> Engine:
         """An engine on a model that `lorakit.training.models.load_model` reads ("default", a .gguf file, a
         Hugging Face directory), in `dtype` (default: the device's fastest, bf16 where supported)."""
         from lorakit.training.models import default_dtype, load_model
@@ -240,7 +246,7 @@ class Engine:
         """Whether the engine's thread runs the steps (else whoever reads a handle runs them)."""
         return self._thread is not None and self._thread.is_alive()
 
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         """Run the steps in a background thread until `stop`; returns the engine."""
         if not self.running:
             self._stopping, self._accepting = False, True
@@ -291,7 +297,7 @@ class Engine:
                         row.handle, row.text.final_text, row.generated, "error", message))
             self.rows = []
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Engine:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -318,12 +324,12 @@ class Engine:
             decoding = sorted(self.rows, key=lambda r: r.slot)
             if not decoding and not new:
                 return changed
+            self.rows += new
             if self.config.prefill == "separate" and new and decoding:
                 self._forward([], new)
                 self._forward(decoding, [])
             else:
                 self._forward(decoding, new)
-            self.rows += new
             self.rows = [r for r in self.rows if not r.handle.done]
             self._relayout()
             return True
@@ -359,16 +365,19 @@ class Engine:
                             make_generator(params, self.device)))
         return new
 
-    def _decode_plan(self, decoding: list[_Row]) -> GatherPlan | SegmentPlan | None:
+    def _decode_plan(self, decoding: list[_Row], occupied: list[int]) -> GatherPlan | SegmentPlan | None:
+        """The per-row LoRA plan of the decoding rows, rebuilt only when their adapters or buffers change."""
         adapters = [r.adapter for r in decoding if r.adapter is not None]  # rows 0..n_lora-1 (see _relayout)
-        version = None if self.row_factors is None else tuple(a.shape for a in self.row_factors.A.values())
-        key = (tuple(id(a) for a in adapters), version)
+        factors = self.row_factors
+        key = (tuple(id(a) for a in adapters), factors.version if factors is not None else 0)
         if key != self._plan[0]:
             plan = None
-            if adapters:
-                plan = GatherPlan(self.row_factors, adapters) if self.row_factors is not None \
-                    else SegmentPlan(adapters, self.device)
-            self._plan = (key, plan)
+            if adapters and factors is not None:
+                factors.fit(occupied)  # blocks as wide as the rows in the cache need
+                plan = GatherPlan(factors, adapters)
+            elif adapters:
+                plan = SegmentPlan(adapters, self.device)
+            self._plan = ((key[0], factors.version if factors is not None else 0), plan)
         return self._plan[1]
 
     def _forward(self, decoding: list[_Row], new: list[_Row]) -> None:
@@ -383,9 +392,9 @@ class Engine:
             logit_rows.append(start + n - 1)
             if row.adapter is not None:
                 segments.append((start, start + n, row.adapter))
-        plan = self._decode_plan(decoding) if decoding else None
+        plan = self._decode_plan(decoding, [r.slot for r in self.rows]) if decoding else None
         lora = LoraBatch(plan, segments) if plan is not None or segments else None
-        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)
         batch = StepBatch(as_tensor(tokens), as_tensor(positions), len(decoding), prefills, as_tensor(logit_rows), lora)
         logits = self.runner.forward(batch)
         rows = decoding + new

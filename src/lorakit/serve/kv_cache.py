@@ -54,7 +54,7 @@ def layout_moves(slots: list[int], first: list[bool], spare: int) -> list[tuple[
         (src, dst) moves, in an order where every dst is free when its move runs.
     """
     n_first, n = sum(first), len(slots)
-    zone = [range(0, n_first) if f else range(n_first, n) for f in first]
+    zone = [range(n_first) if f else range(n_first, n) for f in first]
     staying = {s for s, z in zip(slots, zone) if s in z}
     free = {True: [s for s in range(n_first) if s not in staying],
             False: [s for s in range(n_first, n) if s not in staying]}

@@ -14,6 +14,7 @@ over itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -54,10 +55,26 @@ class StepBatch:
     lora: LoraBatch | None
 
 
+# RMSNorm classes computing weight * (x / rms(x)) with the normalization in fp32, as Llama's does
+_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+
+
+def rms_norm(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The module's RMSNorm in three kernels (normalize in fp32, round to the input dtype, scale), the same
+    sequence of roundings as transformers' seven; other norm classes are called as they are."""
+    if type(module).__name__ not in _RMS_NORMS:
+        return module
+    weight, eps = module.weight, module.variance_epsilon
+
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
+    return norm
+
+
 @dataclass
 class _Layer:
-    input_norm: nn.Module
-    post_norm: nn.Module
+    input_norm: Callable[[torch.Tensor], torch.Tensor]
+    post_norm: Callable[[torch.Tensor], torch.Tensor]
     act: nn.Module
     weights: dict[str, torch.Tensor]  # group -> fused (d_out, d_in)
     biases: dict[str, torch.Tensor | None]
@@ -101,7 +118,7 @@ class LlamaRunner:
         config, inner = model.config, model.model
         weight = model.get_input_embeddings().weight
         self.model, self.dtype, self.device = model, weight.dtype, weight.device
-        self.embed, self.norm = model.get_input_embeddings(), inner.norm
+        self.embed, self.norm = model.get_input_embeddings(), rms_norm(inner.norm)
         self.head = model.get_output_embeddings()
         attn = inner.layers[0].self_attn
         self.head_dim = attn.head_dim
@@ -111,7 +128,9 @@ class LlamaRunner:
         self.layout = [[self._group_layout(i, layer, g) for g in GROUPS] for i, layer in enumerate(inner.layers)]
         positions = torch.arange(max_seq_len, device=self.device)[None]
         cos, sin = inner.rotary_emb(weight[:1], positions)  # (1, max_seq_len, head_dim), in the model's dtype
-        self.cos, self.sin = cos[0], sin[0]
+        half = self.head_dim // 2
+        # rotate_half(x) * sin == roll(x, half) * signed_sin: one roll instead of two slices, a negation and a cat
+        self.cos, self.signed_sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
         self.cache = KVCache(len(self.layers), max_rows, self.n_kv, max_seq_len, self.head_dim, self.dtype, self.device)
 
     @torch.no_grad()
@@ -129,7 +148,8 @@ class LlamaRunner:
             has_bias = any(m.bias is not None for m in modules)
             biases[group] = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.weight.shape[0])
                                        for m in modules]) if has_bias else None
-        return _Layer(layer.input_layernorm, layer.post_attention_layernorm, layer.mlp.act_fn, weights, biases)
+        return _Layer(rms_norm(layer.input_layernorm), rms_norm(layer.post_attention_layernorm), layer.mlp.act_fn,
+                      weights, biases)
 
     def _group_layout(self, index: int, layer: nn.Module, group: str) -> GroupLayout:
         parent, names = GROUPS[group]
@@ -148,11 +168,9 @@ class LlamaRunner:
         bias = layer.biases[group]
         return out if bias is None else out.add_(bias)
 
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # x (N, heads, head_dim); cos/sin (N, 1, head_dim): transformers' rotate_half form
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        # x (N, heads, head_dim); cos/signed_sin (N, 1, head_dim): x cos + rotate_half(x) sin
+        return torch.addcmul(x * cos, x.roll(self.head_dim // 2, dims=-1), signed_sin)
 
     def _attend(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: StepBatch,
                 decode_mask: torch.Tensor | None) -> torch.Tensor:
@@ -186,22 +204,26 @@ class LlamaRunner:
         """Run one step; returns the logits (len(logit_rows), vocab) in the model's dtype."""
         n_tok = batch.tokens.shape[0]
         h = self.embed(batch.tokens)  # (N, d)
-        cos, sin = self.cos[batch.positions][:, None], self.sin[batch.positions][:, None]  # (N, 1, head_dim)
+        cos, sin = self.cos[batch.positions][:, None], self.signed_sin[batch.positions][:, None]  # (N, 1, head_dim)
         mask = None
         if batch.n_decode:
             pos = batch.positions[:batch.n_decode]
             length = int(pos.max()) + 1
-            # (n, 1, 1, length): row i sees positions 0..pos_i
-            mask = (torch.arange(length, device=self.device)[None] <= pos[:, None])[:, None, None]
+            # (n, 1, 1, length), additive: row i sees positions 0..pos_i (a float mask, so that attention does
+            # not convert a boolean one in every layer)
+            hidden = torch.arange(length, device=self.device)[None] > pos[:, None]
+            mask = torch.zeros(hidden.shape, dtype=self.dtype, device=self.device).masked_fill_(hidden, float("-inf"))
+            mask = mask[:, None, None]
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         for index, layer in enumerate(self.layers):
             x = layer.input_norm(h)
-            q, k, v = self._project(layer, index, "qkv", x, batch.lora).split([q_size, kv_size, kv_size], dim=-1)
-            q = self._rotate(q.view(n_tok, self.n_heads, self.head_dim), cos, sin)
-            k = self._rotate(k.view(n_tok, self.n_kv, self.head_dim), cos, sin)
-            attn = self._attend(index, q, k, v.view(n_tok, self.n_kv, self.head_dim), batch, mask)
-            h = h + self._project(layer, index, "o", attn, batch.lora)
+            qkv = self._project(layer, index, "qkv", x, batch.lora)
+            # q and k rotate together: (N, heads + kv_heads, head_dim)
+            qk = self._rotate(qkv[:, :q_size + kv_size].view(n_tok, -1, self.head_dim), cos, sin)
+            v = qkv[:, q_size + kv_size:].view(n_tok, self.n_kv, self.head_dim)
+            attn = self._attend(index, qk[:, :self.n_heads], qk[:, self.n_heads:], v, batch, mask)
+            h.add_(self._project(layer, index, "o", attn, batch.lora))
             x = layer.post_norm(h)
             gate, up = self._project(layer, index, "gate_up", x, batch.lora).chunk(2, dim=-1)
-            h = h + self._project(layer, index, "down", layer.act(gate) * up, batch.lora)
+            h.add_(self._project(layer, index, "down", layer.act(gate).mul_(up), batch.lora))
         return self.head(self.norm(h[batch.logit_rows]))

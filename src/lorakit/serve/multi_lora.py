@@ -6,8 +6,9 @@ update `x A^T Bt` (and DoRA's per-row scale) in place. Two ways for the decoding
 
 * **gather** (Punica's BGMV, vLLM's bmm path): each batch row has its own copy of its adapter's factors in
   preallocated per-row buffers (copied in when the request joins, not per step), zero-padded to the largest
-  rank in the batch, and the whole batch runs as two batched matmuls per group: a fixed number of kernel
-  calls whatever the mix of adapters, but rows on the same adapter read its factors once each.
+  rank in the batch, and the whole batch runs as batched matmuls: one for A per group, one for B per
+  projection: a fixed number of kernel calls whatever the mix of adapters, but rows on the same adapter
+  read its factors once each.
 * **segment** (S-LoRA/Punica's SGMV as a loop): rows are grouped by adapter and each group runs two plain
   GEMMs on its own factors: each adapter's factors are read once, at two calls per adapter in the batch.
 
@@ -22,54 +23,81 @@ from lorakit.serve.adapters import AdapterWeights, GroupFactors
 
 
 class RowFactors:
-    """Per-row copies of the running rows' factors: for each group, A (layers, rows, R_cap, d_in) and
-    Bt (layers, rows, R_cap, d_out), plus DoRA's g (layers, rows, d_out) once a DoRA adapter runs.
-    R_cap grows to the largest rank seen; a row of lower rank is zero beyond its own.
+    """Per-row copies of the running rows' factors (the gather strategy's operands).
+
+    For each group: A (layers, rows, sum(caps), d_in), projection i owning a block of caps[i] rows, and per
+    projection Bt_i (layers, rows, caps[i], d_out_i): B without the block-diagonal zeros, which would
+    otherwise be read once per row. caps[i] is the largest rank of projection i among the rows (`fit`);
+    a row of lower rank is zero beyond its own.
 
     Args:
-        dims: {group: (layers, d_in, d_out)}.
+        layouts: {group: (layers, d_in, out_sizes)}.
         rows: slots (the KV cache's, its spare included).
         dtype, device: the factors'.
     """
 
-    def __init__(self, dims: dict[str, tuple[int, int, int]], rows: int, dtype: torch.dtype, device: torch.device):
-        self.dims, self.rows, self.to = dims, rows, dict(dtype=dtype, device=device)
-        self.A = {g: torch.zeros(n, rows, 0, d_in, **self.to) for g, (n, d_in, _) in dims.items()}
-        self.Bt = {g: torch.zeros(n, rows, 0, d_out, **self.to) for g, (n, _, d_out) in dims.items()}
+    def __init__(self, layouts: dict[str, tuple[int, int, tuple[int, ...]]], rows: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.layouts, self.rows, self.to = layouts, rows, {"dtype": dtype, "device": device}
+        self.caps = {g: (0,) * len(sizes) for g, (_, _, sizes) in layouts.items()}
+        self.rank = {g: [(0,) * len(sizes)] * rows for g, (_, _, sizes) in layouts.items()}
+        self.A: dict[str, torch.Tensor] = {}
+        self.Bt: dict[str, list[torch.Tensor]] = {}
         self.g: dict[str, torch.Tensor] = {}
-        self.rank = {g: [0] * rows for g in dims}
+        self.version = 0  # bumped whenever the buffers are reallocated (plans hold views of them)
+        for group in layouts:
+            self._relayout(group, self.caps[group])
 
-    def _grow(self, group: str, rank: int) -> None:
-        for buffers in (self.A, self.Bt):
-            old = buffers[group]
-            new = torch.zeros(*old.shape[:2], rank, old.shape[3], **self.to)
-            new[:, :, :old.shape[2]] = old
-            buffers[group] = new
+    def _relayout(self, group: str, caps: tuple[int, ...]) -> None:
+        n, d_in, sizes = self.layouts[group]
+        old_A, old_Bt, old_caps = self.A.get(group), self.Bt.get(group), self.caps[group]
+        self.A[group] = torch.zeros(n, self.rows, sum(caps), d_in, **self.to)
+        self.Bt[group] = [torch.zeros(n, self.rows, c, d, **self.to) for c, d in zip(caps, sizes)]
+        if old_A is not None:  # keep what the rows hold: each projection's block, up to the smaller cap
+            for i, (old, new) in enumerate(zip(old_caps, caps)):
+                keep = min(old, new)
+                src, dst = sum(old_caps[:i]), sum(caps[:i])
+                self.A[group][:, :, dst:dst + keep] = old_A[:, :, src:src + keep]
+                self.Bt[group][i][:, :, :keep] = old_Bt[i][:, :, :keep]
+        self.caps[group] = caps
+        self.version += 1
+
+    def fit(self, slots: list[int]) -> None:
+        """Size every block to the largest rank among the rows in `slots` (the occupied ones)."""
+        for group, caps in self.caps.items():
+            needed = tuple(max((self.rank[group][s][i] for s in slots), default=0) for i in range(len(caps)))
+            if needed != caps:
+                self._relayout(group, needed)
 
     def assign(self, slot: int, weights: AdapterWeights | None) -> None:
         """Copy the factors of `weights` (None: the base, no factors) into row `slot`."""
-        for group in self.dims:
+        for group, (_, _, sizes) in self.layouts.items():
             factors = weights.groups.get(group) if weights is not None else None
-            rank = factors.rank if factors is not None else 0
-            if rank > self.A[group].shape[2]:
-                self._grow(group, rank)
-            self.rank[group][slot] = rank
-            if factors is not None:
-                self.A[group][:, slot, :rank] = factors.A
-                self.Bt[group][:, slot, :rank] = factors.Bt
-            self.A[group][:, slot, rank:] = 0
-            self.Bt[group][:, slot, rank:] = 0
+            ranks = factors.ranks if factors is not None else (0,) * len(sizes)
+            if any(r > c for r, c in zip(ranks, self.caps[group])):
+                self._relayout(group, tuple(map(max, ranks, self.caps[group])))
+            self.rank[group][slot] = ranks
+            self.A[group][:, slot] = 0
+            src, dst, col = 0, 0, 0
+            for i, (rank, cap, size) in enumerate(zip(ranks, self.caps[group], sizes)):
+                self.Bt[group][i][:, slot] = 0
+                if rank:
+                    self.A[group][:, slot, dst:dst + rank] = factors.A[:, src:src + rank]
+                    self.Bt[group][i][:, slot, :rank] = factors.Bt[:, src:src + rank, col:col + size]
+                src, dst, col = src + rank, dst + cap, col + size
             if factors is not None and factors.g is not None and group not in self.g:
-                n, _, d_out = self.dims[group]
-                self.g[group] = torch.ones(n, self.rows, d_out, **self.to)
+                n, _, sizes = self.layouts[group]
+                self.g[group] = torch.ones(n, self.rows, sum(sizes), **self.to)
+                self.version += 1
             if group in self.g:
                 self.g[group][:, slot] = factors.g if factors is not None and factors.g is not None else 1
 
     def move(self, src: int, dst: int) -> None:
         """Copy row `src` into row `dst`."""
-        for group in self.dims:
+        for group in self.layouts:
             self.A[group][:, dst] = self.A[group][:, src]
-            self.Bt[group][:, dst] = self.Bt[group][:, src]
+            for Bt in self.Bt[group]:
+                Bt[:, dst] = Bt[:, src]
             self.rank[group][dst] = self.rank[group][src]
             if group in self.g:
                 self.g[group][:, dst] = self.g[group][:, src]
@@ -81,13 +109,18 @@ class GatherPlan:
     def __init__(self, factors: RowFactors, adapters: list[AdapterWeights]) -> None:
         n = len(adapters)
         self.n = n
-        self.A, self.Bt, self.g = {}, {}, {}
-        for group in factors.dims:
-            rank = max(factors.rank[group][:n])
-            if rank == 0:
+        self.A: dict[str, torch.Tensor] = {}
+        self.B: dict[str, list[tuple[int, int, int, int, torch.Tensor]]] = {}  # (row, rank, col, width, Bt)
+        self.g: dict[str, torch.Tensor] = {}
+        for group, caps in factors.caps.items():
+            used = [max(factors.rank[group][s][i] for s in range(n)) for i in range(len(caps))]
+            if not any(used):
                 continue  # no row's adapter touches this group
-            self.A[group] = factors.A[group][:, :n, :rank].transpose(2, 3)  # (layers, n, d_in, R)
-            self.Bt[group] = factors.Bt[group][:, :n, :rank]  # (layers, n, R, d_out)
+            self.A[group] = factors.A[group][:, :n].transpose(2, 3)  # (layers, n, d_in, sum(caps))
+            sizes = factors.layouts[group][2]
+            offsets, cols = [sum(caps[:i]) for i in range(len(caps))], [sum(sizes[:i]) for i in range(len(sizes))]
+            self.B[group] = [(off, r, col, size, Bt[:, :n, :r]) for off, r, col, size, Bt
+                             in zip(offsets, used, cols, sizes, factors.Bt[group]) if r]
             if group in factors.g and any(_dora(a.groups.get(group)) for a in adapters):
                 self.g[group] = factors.g[group][:, :n]
 
@@ -96,8 +129,9 @@ class GatherPlan:
         A = self.A.get(group)
         if A is None:
             return
-        h = torch.bmm(x.to(A.dtype).unsqueeze(1), A[layer])  # (n, 1, R)
-        out.add_(torch.bmm(h, self.Bt[group][layer]).squeeze(1))
+        h = torch.bmm(x.to(A.dtype).unsqueeze(1), A[layer])  # (n, 1, sum(caps))
+        for row, rank, col, width, Bt in self.B[group]:
+            out[:, col:col + width].add_(torch.bmm(h[:, :, row:row + rank], Bt[layer]).squeeze(1))
         if group in self.g:
             out.mul_(self.g[group][layer])
 

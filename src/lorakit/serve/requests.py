@@ -13,8 +13,9 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Iterator, Protocol
+from typing import Protocol
 
 from lorakit.core.errors import LorakitError
 

@@ -30,6 +30,7 @@ from lorakit.serve.detokenize import IncrementalText
 from lorakit.serve.kv_cache import layout_moves
 from lorakit.serve.llama import GROUPS, LlamaRunner, StepBatch
 from lorakit.serve.multi_lora import GatherPlan, LoraBatch, RowFactors, SegmentPlan
+from lorakit.serve.prompts import prompt_ids
 from lorakit.serve.requests import (
     Completion,
     Delta,
@@ -165,7 +166,8 @@ class Engine:
             self.store.register(weights)
 
     def unload_adapter(self, name: str) -> None:
-        """Stop serving `name`; requests already running on it finish with it, new ones are refused.
+        """Stop serving `name`; requests already running on it finish with it, new ones are refused, and
+        queued ones finish with finish reason "error" (`requests_using` tells how many there are).
 
         Raises:
             LorakitError: no adapter has that name.
@@ -181,31 +183,18 @@ class Engine:
 
     # ---- requests ---------------------------------------------------------------------------------
     def prompt_ids(self, prompt: str | list[int] | list[dict[str, str]]) -> list[int]:
-        """The token ids of a prompt: text is tokenized, chat messages rendered with the chat template.
+        """The token ids of a prompt (see `lorakit.serve.prompts.prompt_ids`).
 
         Raises:
             LorakitError: an empty prompt, ids outside the vocabulary, or messages the template cannot render.
         """
-        tok = self.tokenizer
-        if isinstance(prompt, str):
-            ids = tok(prompt)["input_ids"]
-        elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
-            if not all(isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt):
-                raise LorakitError("chat messages need a string 'role' and a string 'content' each.")
-            if not getattr(tok, "chat_template", None):
-                raise LorakitError("this model's tokenizer has no chat template; send the prompt as text.")
-            text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-        elif isinstance(prompt, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
-            vocab = self.runner.embed.weight.shape[0]
-            if any(not 0 <= i < vocab for i in prompt):
-                raise LorakitError(f"prompt token ids must lie in [0, {vocab}).")
-            ids = list(prompt)
-        else:
-            raise LorakitError("prompt must be text, a list of token ids, or a list of chat messages.")
-        if not ids:
-            raise LorakitError("the prompt is empty; give at least one token.")
-        return ids
+        return prompt_ids(self.tokenizer, prompt, self.runner.embed.weight.shape[0])
+
+    def requests_using(self, name: str) -> int:
+        """How many queued and running requests are on adapter `name` (e.g. to wait for them before unloading)."""
+        with self._lock:
+            queued = sum(h.request.adapter == name for h in self.queue)
+        return queued + sum(r.handle.request.adapter == name for r in self.rows)
 
     def submit(self, request: Request) -> RequestHandle:
         """Queue a request; returns its handle at once (iterate it for the stream).

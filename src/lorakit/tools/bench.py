@@ -76,13 +76,14 @@ class BenchInferConfig:
 
 
 # ---- one configuration, in its own process ----------------------------------------------------------
-def _peak_memory(device: torch.device) -> int:
+def peak_memory(device: torch.device) -> int:
+    """The process's peak memory in bytes: max allocated on a GPU, the resident set's high-water mark on the CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _reset_peak_memory(device: torch.device) -> bool:
+def reset_peak_memory(device: torch.device) -> bool:
     """Restart the peak from the current usage, so that it covers the steps and not the model's loading."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -212,8 +213,8 @@ def run_one(name: str, cfg: BenchTrainConfig) -> dict:
     device = torch.device(cfg.device) if cfg.device else default_device()
     torch.manual_seed(0)
     step, model = _step_function(name, cfg, device)
-    setup_peak = _peak_memory(device)
-    step_peak_known = _reset_peak_memory(device)
+    setup_peak = peak_memory(device)
+    step_peak_known = reset_peak_memory(device)
     for _ in range(cfg.warmup):
         step()
     if device.type == "cuda":
@@ -228,8 +229,8 @@ def run_one(name: str, cfg: BenchTrainConfig) -> dict:
     step_s = statistics.median(times)  # robust to the odd stall of a shared machine
     return {"tokens_per_s": cfg.batch_size * cfg.seq_len / step_s, "step_s": step_s,
             "step_s_mean": statistics.fmean(times),
-            "peak_mem_bytes": max(setup_peak, _peak_memory(device)),
-            "step_peak_mem_bytes": _peak_memory(device) if step_peak_known else None,
+            "peak_mem_bytes": max(setup_peak, peak_memory(device)),
+            "step_peak_mem_bytes": peak_memory(device) if step_peak_known else None,
             "model_bytes": tensor_bytes(model)}
 
 

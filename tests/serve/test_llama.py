@@ -1,0 +1,59 @@
+"""The engine's forward pass equals the model's own: prefill logits, then decoding logits with the static cache,
+for Llama (grouped-query heads) and Qwen2 (q/k/v biases); models it cannot run exactly are refused."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorakit import LorakitError
+from lorakit.serve.llama import LlamaRunner, StepBatch
+
+
+def tiny(kind: str, **extra):
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[kind]
+    torch.manual_seed(0)
+    config = config_class(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **extra)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def as_batch(tokens, positions, n_decode, prefills, logit_rows):
+    t = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    return StepBatch(t(tokens), t(positions), n_decode, prefills, t(logit_rows), None)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@torch.no_grad()
+def test_prefill_then_decode_equals_the_models_forward(kind):
+    model = tiny(kind)
+    seqs = [torch.randint(0, 64, (n,), generator=torch.Generator().manual_seed(n)) for n in (9, 5, 12)]
+    expected = [model(s[None]).logits[0] for s in seqs]  # before the runner re-lays the weights
+    runner = LlamaRunner(model, max_rows=3, max_seq_len=16)
+    prompt = [s[:-2] for s in seqs]  # prefill all but 2 tokens of each sequence, then decode those two
+    starts = [0, len(prompt[0]), len(prompt[0]) + len(prompt[1])]
+    logits = runner.forward(as_batch(torch.cat(prompt).tolist(), sum((list(range(len(p))) for p in prompt), []), 0,
+                                     [(slot, start, len(p)) for slot, (start, p) in enumerate(zip(starts, prompt))],
+                                     [s + len(p) - 1 for s, p in zip(starts, prompt)]))
+    for i, s in enumerate(seqs):
+        torch.testing.assert_close(logits[i], expected[i][len(s) - 3], rtol=1e-4, atol=1e-5)
+    for back in (2, 1):
+        step = runner.forward(as_batch([s[-back].item() for s in seqs], [len(s) - back for s in seqs], 3, [], [0, 1, 2]))
+        for i, s in enumerate(seqs):
+            torch.testing.assert_close(step[i], expected[i][len(s) - back], rtol=1e-4, atol=1e-5)
+
+
+def test_fusing_keeps_the_models_own_forward():
+    model = tiny("llama")
+    ids = torch.randint(0, 64, (1, 7))
+    before = model(ids).logits
+    LlamaRunner(model, max_rows=1, max_seq_len=8)
+    assert torch.equal(model(ids).logits, before)
+
+
+def test_sliding_windows_are_exact_only_within_the_window():
+    model = tiny("mistral", sliding_window=16)
+    LlamaRunner(model, max_rows=1, max_seq_len=16)
+    with pytest.raises(LorakitError, match="sliding-window"):
+        LlamaRunner(tiny("mistral", sliding_window=16), max_rows=1, max_seq_len=32)

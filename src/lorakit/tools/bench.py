@@ -26,13 +26,23 @@ LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 
 @dataclass
-class BenchTrainConfig:
+class BenchModelOptions:
+    """What every bench adapts: the model, and LoRA's rank and targets on it."""
+
     model: str | None = None
     """Model: 'default' (embedded SmolLM2-135M-Instruct), a .gguf file, or a Hugging Face model directory."""
     r: int = 8
     """LoRA rank."""
     target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LINEARS))
     """Adapted modules (comma-separated)."""
+    device: str | None = None
+    """cpu, cuda ...; default: cuda if available."""
+    json: bool = False
+    """Print a JSON object instead of a table."""
+
+
+@dataclass
+class BenchTrainConfig(BenchModelOptions):
     batch_size: int = 4
     """Sequences per step."""
     seq_len: int = 256
@@ -49,30 +59,16 @@ class BenchTrainConfig:
     """Adapter method of the lorakit and peft configurations: lora, or dora (PEFT's use_dora=True)."""
     quantize: Literal["none", "nf4", "int8"] = "none"
     """QLoRA: the lorakit configuration's frozen base in 4-bit NF4 or int8 (bitsandbytes)."""
-    device: str | None = None
-    """cpu, cuda ...; default: cuda if available."""
-    json: bool = False
-    """Print a JSON object instead of a table."""
 
 
 @dataclass
-class BenchInferConfig:
-    model: str | None = None
-    """Model: 'default', a .gguf file, or a Hugging Face model directory."""
-    r: int = 8
-    """LoRA rank of the adapter."""
-    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LINEARS))
-    """Adapted modules."""
+class BenchInferConfig(BenchModelOptions):
     new_tokens: int = 128
     """Tokens generated per run."""
     repeats: int = 5
     """Timed rounds, every model once per round (each model's best round is kept)."""
     peft: bool = True
     """Also time PEFT's unmerged adapter (for scale)."""
-    device: str | None = None
-    """cpu, cuda ..."""
-    json: bool = False
-    """Print a JSON object instead of a table."""
 
 
 # ---- one configuration, in its own process ----------------------------------------------------------
@@ -177,26 +173,25 @@ def _step_function(name: str, cfg: BenchTrainConfig, device: torch.device):
         peft_model.train()
         opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
 
-        def step():
-            with autocast:
-                loss = peft_model(**batch).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return step, peft_model
+        return autocast_step(peft_model, batch, opt, autocast), peft_model
 
     if name == "full":
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
-        def step():
-            with autocast:
-                loss = model(**batch).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return step, model
+        return autocast_step(model, batch, opt, autocast), model
     raise LorakitError(f"unknown bench configuration {name!r}: use floor, lorakit, peft or full.")
+
+
+def autocast_step(model, batch: dict, opt: torch.optim.Optimizer, autocast):
+    """One step as PEFT's and full fine-tuning's users run it: the model's own loss under autocast."""
+    def step():
+        with autocast:
+            loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
 
 
 def run_one(name: str, cfg: BenchTrainConfig) -> dict:
@@ -234,12 +229,25 @@ def run_one(name: str, cfg: BenchTrainConfig) -> dict:
             "model_bytes": tensor_bytes(model)}
 
 
-def _in_subprocess(name: str, cfg: BenchTrainConfig) -> dict:
+def run_in_subprocess(module: str, name: str, cfg, what: str) -> dict:
+    """Run configuration `name` of a bench as `python -m module` in a fresh process (its memory its own).
+
+    Args:
+        module: the bench module whose `__main__` runs one configuration and prints its JSON result last.
+        cfg: the bench's config dataclass, passed as JSON.
+        what: how errors name the bench, e.g. "bench serve".
+
+    Returns:
+        The configuration's result.
+
+    Raises:
+        LorakitError: the process failed (its stderr's tail is in the message).
+    """
     payload = json.dumps({"name": name, "config": asdict(cfg)})
-    proc = subprocess.run([sys.executable, "-m", "lorakit.tools.bench", payload], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", module, payload], capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"})
     if proc.returncode != 0:
-        raise LorakitError(f"bench configuration {name!r} failed:\n{proc.stderr[-2000:]}")
+        raise LorakitError(f"{what} configuration {name!r} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -280,7 +288,7 @@ def bench_train(cfg: BenchTrainConfig) -> dict:
     runs: dict[str, list[dict]] = {name: [] for name in cfg.configs}
     for _ in range(cfg.rounds):  # floor, lorakit, peft, full, floor, ...: a drift in speed hits all alike
         for name in cfg.configs:
-            runs[name].append(_in_subprocess(name, cfg))
+            runs[name].append(run_in_subprocess("lorakit.tools.bench", name, cfg, "bench"))
     results = {name: _median_run(r) for name, r in runs.items()}
     _ratios(results)
     out = {"model": cfg.model or "default", "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "r": cfg.r,

@@ -17,8 +17,6 @@ Clients keep `concurrency` requests in flight (closed loop): a finished request 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from dataclasses import asdict
@@ -27,6 +25,7 @@ from pathlib import Path
 import torch
 
 from lorakit.core.errors import LorakitError
+from lorakit.tools.bench import run_in_subprocess
 from lorakit.tools.serve_workload import CONFIGS, BenchServeConfig
 
 
@@ -46,15 +45,6 @@ def run_config(name: str, cfg: BenchServeConfig) -> dict:
         raise LorakitError(f"unknown bench serve configuration {name!r}: use {', '.join(CONFIGS)}, mixed:N or agreement.")
     with tempfile.TemporaryDirectory(prefix="lorakit-bench-serve-") as tmp:
         return table[kind](kind, cfg, device, Path(tmp), int(count) if count else cfg.adapters)
-
-
-def _in_subprocess(name: str, cfg: BenchServeConfig) -> dict:
-    payload = json.dumps({"name": name, "config": asdict(cfg)})
-    proc = subprocess.run([sys.executable, "-m", "lorakit.tools.bench_serve", payload], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"})
-    if proc.returncode != 0:
-        raise LorakitError(f"bench serve configuration {name!r} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # ---- the report ----------------------------------------------------------------------------------------
@@ -98,7 +88,7 @@ def bench_serve(cfg: BenchServeConfig) -> dict:
     Returns:
         {"workload": ..., "configs": {name: measurements}}.
     """
-    results = {name: _in_subprocess(name, cfg) for name in cfg.configs}
+    results = {name: run_in_subprocess("lorakit.tools.bench_serve", name, cfg, "bench serve") for name in cfg.configs}
     out = {"model": cfg.model or "default", "workload": {k: v for k, v in asdict(cfg).items() if k not in ("json", "configs")},
            "torch": torch.__version__, "configs": results}
     if cfg.json:

@@ -39,7 +39,7 @@ from lorakit.serve.requests import (
     SamplingParams,
 )
 from lorakit.serve.sampling import make_generator, sample
-from lorakit.training.evaluate import stop_token_ids
+from lorakit.training.generation import stop_token_ids
 
 
 @dataclass

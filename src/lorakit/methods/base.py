@@ -147,13 +147,14 @@ class Method(ABC):
 
 @dataclass(frozen=True)
 class ModuleFunctions:
-    """The functions a method module provides over its config dataclass (ia3, bottleneck, prefix, prompt)."""
+    """What a method module provides over its config dataclass (ia3, bottleneck, prefix, prompt): its
+    functions, and the class of the modules it adds to a model."""
 
     read_config: Callable[..., Any]                           # (dict, source=...) -> config
     apply: Callable[[nn.Module, Any], nn.Module]              # (model, config) -> model
     save: Callable[[nn.Module, str | Path], Path]
     load: Callable[[nn.Module, str | Path, bool], nn.Module]  # (model, directory, is_trainable)
-    parts: Callable[[nn.Module], list[str]]
+    part_type: type[nn.Module]
 
 
 class ModuleMethod(Method):
@@ -192,7 +193,7 @@ class ModuleMethod(Method):
 
     @classmethod
     def parts(cls, model: nn.Module) -> list[str]:
-        return cls.functions.parts(model)
+        return [name for name, module in model.named_modules() if isinstance(module, cls.functions.part_type)]
 
     @classmethod
     def describe(cls, config: dict[str, Any], shapes: Shapes) -> list[Row]:

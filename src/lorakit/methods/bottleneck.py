@@ -193,11 +193,6 @@ def remove(model: nn.Module) -> nn.Module:
     return model
 
 
-def adapter_names(model: nn.Module) -> list[str]:
-    """The names of the model's bottleneck adapter modules (`<host>.bottleneck`)."""
-    return [name for name, module in model.named_modules() if isinstance(module, Bottleneck)]
-
-
 @dataclass
 class BottleneckOptions:
     """`--method adapter`'s options."""
@@ -212,7 +207,7 @@ class BottleneckMethod(ModuleMethod):
     """`--method adapter`: bottleneck adapters, which stay modules (never merged)."""
 
     name, options, peft_type, title = "adapter", BottleneckOptions, PEFT_TYPE, "bottleneck adapters"
-    functions = ModuleFunctions(BottleneckConfig.from_dict, apply, save, load, adapter_names)
+    functions = ModuleFunctions(BottleneckConfig.from_dict, apply, save, load, Bottleneck)
     described = ("bottleneck_size", "nonlinearity", "target_modules")
 
     @staticmethod

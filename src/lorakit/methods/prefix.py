@@ -277,11 +277,6 @@ def remove(model: nn.Module) -> nn.Module:
     return model
 
 
-def encoder_names(model: nn.Module) -> list[str]:
-    """The name of the model's prefix module, or none."""
-    return [name for name, module in model.named_modules() if isinstance(module, PrefixEncoder)]
-
-
 @dataclass
 class VirtualTokenOptions:
     """The options of prefix and prompt tuning (`--method prefix`, `--method prompt`)."""
@@ -296,7 +291,7 @@ class PrefixMethod(ModuleMethod):
     name, options, peft_type, title = "prefix", VirtualTokenOptions, PEFT_TYPE, "a prefix (prefix tuning)"
     # A few key/value vectors: larger steps than LoRA's factors (4e-3 at the default --lr 2e-4).
     lr_ratio = 20.0
-    functions = ModuleFunctions(PrefixConfig.from_dict, apply, save, load, encoder_names)
+    functions = ModuleFunctions(PrefixConfig.from_dict, apply, save, load, PrefixEncoder)
     described = ("num_virtual_tokens", "num_layers", "token_dim")
 
     @staticmethod

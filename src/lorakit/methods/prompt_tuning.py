@@ -188,18 +188,13 @@ def remove(model: nn.Module) -> nn.Module:
     return model
 
 
-def prompt_names(model: nn.Module) -> list[str]:
-    """The name of the model's prompt module, or none."""
-    return [name for name, module in model.named_modules() if isinstance(module, PromptEmbedding)]
-
-
 class PromptMethod(ModuleMethod):
     """`--method prompt`: learned input embeddings ahead of every sequence (never merged)."""
 
     name, options, peft_type, title = "prompt", VirtualTokenOptions, PEFT_TYPE, "a prompt (prompt tuning)"
     # A few input embeddings: larger steps still than a prefix's (1.2e-2 at the default --lr 2e-4).
     lr_ratio = 60.0
-    functions = ModuleFunctions(PromptTuningConfig.from_dict, apply, save, load, prompt_names)
+    functions = ModuleFunctions(PromptTuningConfig.from_dict, apply, save, load, PromptEmbedding)
     described = ("num_virtual_tokens", "token_dim")
 
     @staticmethod

@@ -11,7 +11,12 @@ from safetensors.torch import load_file
 import lorakit
 from lorakit import LorakitError
 from lorakit.cli.main import main
-from lorakit.methods.adalora import AdaLoraMethod, AdaLoraOptions, budget_at, select_triplets
+from lorakit.methods.adalora import (
+    AdaLoraMethod,
+    AdaLoraOptions,
+    budget_at,
+    select_triplets,
+)
 from lorakit.methods.lora import LoraOptions
 from lorakit.training.config import TrainConfig
 from lorakit.training.config_file import build_config

@@ -7,7 +7,6 @@ import asyncio
 import shutil
 
 import pytest
-import torch
 from serve_fixtures import ADAPTERS, adapter_dirs, base_model, reference_tokens  # noqa: F401 (fixture)
 
 from lorakit import LorakitError

@@ -7,7 +7,12 @@ from lorakit import LorakitError
 from lorakit.cli.args import parse_config
 from lorakit.methods.lora import LoraOptions
 from lorakit.training.config import TrainConfig
-from lorakit.training.config_file import build_config, config_to_yaml, config_values, load_config
+from lorakit.training.config_file import (
+    build_config,
+    config_to_yaml,
+    config_values,
+    load_config,
+)
 
 
 def test_flat_flags_fill_the_groups():

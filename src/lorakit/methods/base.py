@@ -148,13 +148,14 @@ class Method(ABC):
 
 @dataclass(frozen=True)
 class ModuleFunctions:
-    """The functions a method module provides over its config dataclass (ia3, bottleneck, prefix, prompt)."""
+    """What a method module provides over its config dataclass (ia3, bottleneck, prefix, prompt): its
+    functions, and the class of the modules it adds to a model."""
 
     read_config: Callable[..., Any]                           # (dict, source=...) -> config
     apply: Callable[[nn.Module, Any], nn.Module]              # (model, config) -> model
     save: Callable[[nn.Module, str | Path], Path]
     load: Callable[[nn.Module, str | Path, bool], nn.Module]  # (model, directory, is_trainable)
-    parts: Callable[[nn.Module], list[str]]
+    part_type: type[nn.Module]
 
 
 class ModuleMethod(Method):
@@ -193,17 +194,12 @@ class ModuleMethod(Method):
 
     @classmethod
     def parts(cls, model: nn.Module) -> list[str]:
-        return cls.functions.parts(model)
+        return [name for name, module in model.named_modules() if isinstance(module, cls.functions.part_type)]
 
     @classmethod
     def describe(cls, config: dict[str, Any], shapes: Shapes) -> list[Row]:
         parsed = cls.functions.read_config(config)
         return [(name, getattr(parsed, name)) for name in cls.described]
-
-
-def module_names(model: nn.Module, kind: type[nn.Module]) -> list[str]:
-    """The names of `model`'s modules of type `kind` (the parts a method added)."""
-    return [name for name, module in model.named_modules() if isinstance(module, kind)]
 
 
 def save_module_files(model: nn.Module, directory: str | Path, config_key: str,

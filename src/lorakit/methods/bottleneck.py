@@ -25,7 +25,7 @@ from lorakit.core.config import config_from_dict
 from lorakit.core.errors import LorakitError
 from lorakit.core.io import PREFIX, load_method_files
 from lorakit.core.matching import name_matches
-from lorakit.methods.base import ModuleFunctions, ModuleMethod, module_names, save_module_files
+from lorakit.methods.base import ModuleFunctions, ModuleMethod, save_module_files
 
 PEFT_TYPE = "BOTTLENECK"
 _CONFIG_KEY = "lorakit_bottleneck_config"
@@ -192,11 +192,6 @@ def remove(model: nn.Module) -> nn.Module:
     return model
 
 
-def adapter_names(model: nn.Module) -> list[str]:
-    """The names of the model's bottleneck adapter modules (`<host>.bottleneck`)."""
-    return module_names(model, Bottleneck)
-
-
 @dataclass
 class BottleneckOptions:
     """`--method adapter`'s options."""
@@ -211,7 +206,7 @@ class BottleneckMethod(ModuleMethod):
     """`--method adapter`: bottleneck adapters, which stay modules (never merged)."""
 
     name, options, peft_type, title = "adapter", BottleneckOptions, PEFT_TYPE, "bottleneck adapters"
-    functions = ModuleFunctions(BottleneckConfig.from_dict, apply, save, load, adapter_names)
+    functions = ModuleFunctions(BottleneckConfig.from_dict, apply, save, load, Bottleneck)
     described = ("bottleneck_size", "nonlinearity", "target_modules")
 
     @staticmethod

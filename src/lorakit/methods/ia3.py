@@ -224,11 +224,6 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     return model
 
 
-def layer_names(model: nn.Module) -> list[str]:
-    """The names of the model's IA3 layers."""
-    return [name for name, _ in ia3_layers(model)]
-
-
 @dataclass
 class IA3Options:
     """`--method ia3`'s options."""
@@ -247,7 +242,7 @@ class IA3Method(ModuleMethod):
     # default --lr 2e-4).
     lr_ratio = 20.0
     mergeable = True
-    functions = ModuleFunctions(IA3Config.from_dict, apply, save, load, layer_names)
+    functions = ModuleFunctions(IA3Config.from_dict, apply, save, load, IA3Layer)
     described = ("target_modules", "feedforward_modules")
 
     @staticmethod

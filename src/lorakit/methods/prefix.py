@@ -28,7 +28,7 @@ from torch import nn
 from lorakit.core.config import config_from_dict
 from lorakit.core.errors import LorakitError
 from lorakit.core.io import load_method_files
-from lorakit.methods.base import ModuleFunctions, ModuleMethod, module_names, save_module_files
+from lorakit.methods.base import ModuleFunctions, ModuleMethod, save_module_files
 
 PEFT_TYPE = "PREFIX_TUNING"
 INITS = ("vocab", "random")
@@ -299,11 +299,6 @@ def remove(model: nn.Module) -> nn.Module:
     return model
 
 
-def encoder_names(model: nn.Module) -> list[str]:
-    """The name of the model's prefix module, or none."""
-    return module_names(model, PrefixEncoder)
-
-
 @dataclass
 class VirtualTokenOptions:
     """The options of prefix and prompt tuning (`--method prefix`, `--method prompt`)."""
@@ -318,7 +313,7 @@ class PrefixMethod(ModuleMethod):
     name, options, peft_type, title = "prefix", VirtualTokenOptions, PEFT_TYPE, "a prefix (prefix tuning)"
     # A few key/value vectors: larger steps than LoRA's factors (4e-3 at the default --lr 2e-4).
     lr_ratio = 20.0
-    functions = ModuleFunctions(PrefixConfig.from_dict, apply, save, load, encoder_names)
+    functions = ModuleFunctions(PrefixConfig.from_dict, apply, save, load, PrefixEncoder)
     described = ("num_virtual_tokens", "num_layers", "token_dim")
 
     @staticmethod

@@ -23,7 +23,7 @@ from torch import nn
 from lorakit.core.config import config_from_dict
 from lorakit.core.errors import LorakitError
 from lorakit.core.io import load_method_files
-from lorakit.methods.base import ModuleFunctions, ModuleMethod, module_names, save_module_files
+from lorakit.methods.base import ModuleFunctions, ModuleMethod, save_module_files
 from lorakit.methods.prefix import (
     FILE_KEY,
     VirtualTokenConfig,
@@ -178,18 +178,13 @@ def remove(model: nn.Module) -> nn.Module:
     return model
 
 
-def prompt_names(model: nn.Module) -> list[str]:
-    """The name of the model's prompt module, or none."""
-    return module_names(model, PromptEmbedding)
-
-
 class PromptMethod(ModuleMethod):
     """`--method prompt`: learned input embeddings ahead of every sequence (never merged)."""
 
     name, options, peft_type, title = "prompt", VirtualTokenOptions, PEFT_TYPE, "a prompt (prompt tuning)"
     # A few input embeddings: larger steps still than a prefix's (1.2e-2 at the default --lr 2e-4).
     lr_ratio = 60.0
-    functions = ModuleFunctions(PromptTuningConfig.from_dict, apply, save, load, prompt_names)
+    functions = ModuleFunctions(PromptTuningConfig.from_dict, apply, save, load, PromptEmbedding)
     described = ("num_virtual_tokens", "token_dim")
 
     @staticmethod

@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 
 import lorakit
 from lorakit import LoraConfig
+from lorakit.methods.lora import LoraOptions
 from lorakit.training.config import TrainConfig
 from lorakit.training.data.records import load_records
 from lorakit.training.data.tokenize import tokenize_records
@@ -36,7 +37,7 @@ def own_loop(tiny_model_dir, data, tmp_path_factory):
     """lorakit's own loop: the adapter it writes."""
     out = tmp_path_factory.mktemp("own") / "run"
     train(TrainConfig(model=str(tiny_model_dir), data=str(data[0]), eval_data=str(data[1]), output=str(out),
-                      max_steps=STEPS, batch_size=N, lr=LR, warmup_steps=0, schedule="constant", r=R,
+                      max_steps=STEPS, batch_size=N, lr=LR, warmup_steps=0, schedule="constant", lora=LoraOptions(r=R),
                       precision="fp32", device="cpu", eval_samples=0, quiet=True))
     return load_file(str(out / "adapter" / "adapter_model.safetensors"))
 

@@ -57,7 +57,7 @@ def test_mlflow_file_store_holds_the_run(tracked_run):
     experiment = client.get_experiment_by_name("lorakit")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_name == "run"
-    assert run.data.params["r"] == "4" and run.data.params["report_to"] == '["tensorboard", "mlflow"]'
+    assert run.data.params["lora.r"] == "4" and run.data.params["report_to"] == '["tensorboard", "mlflow"]'
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert [(m.step, m.value) for m in history] == [(r["step"], pytest.approx(r["loss"])) for r in rows]
     assert [m.value for m in client.get_metric_history(run.info.run_id, "train/grad_norm")] == pytest.approx(

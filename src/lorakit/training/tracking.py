@@ -30,6 +30,7 @@ NONE = "none"
 TRAIN_METRICS = {
     "loss": "train/loss", "lr": "train/learning_rate", "grad_norm": "train/grad_norm",
     "tokens_per_s": "train/tokens_per_s", "step_s": "train/step_s", "epoch": "train/epoch", "eval_loss": "eval/loss",
+    "forgetting_pct": "eval/forgetting_pct", "probe_eval_loss": "eval/probe_loss",  # --max-forgetting's probes
 }
 # An EvalResult field -> its metric name under before/ and after/.
 EVAL_METRICS = {

@@ -24,7 +24,10 @@ def test_datasets_hold_out_a_split_or_the_eval_file(smollm_tokenizer, task_files
     split = load_datasets(TrainConfig(data=str(train), eval_fraction=0.25), smollm_tokenizer)
     assert (len(split.train), len(split.eval.records)) == (36, 12)
     given = load_datasets(TrainConfig(data=str(train), eval_data=str(evals)), smollm_tokenizer)
-    assert (len(given.train), given.eval.records) == (48, load_records(evals)[0])
+    # read through `datasets`, each record names its row ("_at") where load_records names its line ("_line")
+    fields = [[{k: v for k, v in r.items() if k not in ("_at", "_line")} for r in rs]
+              for rs in (given.eval.records, load_records(evals)[0])]
+    assert len(given.train) == 48 and fields[0] == fields[1] and given.eval.records[1]["_at"] == f"{evals}:row 2"
     packed = load_datasets(TrainConfig(data=str(train), eval_data=str(evals), packing=True, max_seq_len=256),
                            smollm_tokenizer)
     assert all(len(e["input_ids"]) == 256 for e in packed.train[:-1])

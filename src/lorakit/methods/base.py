@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from lorakit.core.errors import LorakitError
-from lorakit.core.io import save_method_files
+from lorakit.core.io import load_method_files, save_method_files
 
 Row = tuple[str, Any]
 Shapes = dict[str, tuple[int, ...]]
@@ -149,13 +149,44 @@ class Method(ABC):
 @dataclass(frozen=True)
 class ModuleFunctions:
     """What a method module provides over its config dataclass (ia3, bottleneck, prefix, prompt): its
-    functions, and the class of the modules it adds to a model."""
+    functions, the class of the modules it adds to a model, and from those its adapter files (`save`, `load`)."""
 
     read_config: Callable[..., Any]                           # (dict, source=...) -> config
     apply: Callable[[nn.Module, Any], nn.Module]              # (model, config) -> model
-    save: Callable[[nn.Module, str | Path], Path]
-    load: Callable[[nn.Module, str | Path, bool], nn.Module]  # (model, directory, is_trainable)
+    tensors: Callable[[nn.Module], dict[str, torch.Tensor]]   # model -> {file key: tensor}
+    remove_parts: Callable[[nn.Module], None]                 # takes the parts and their hooks out again
     part_type: type[nn.Module]
+    config_key: str  # where `apply` keeps its config: model.__dict__[config_key]
+    missing: str     # the error when `save` finds nothing applied: names how to apply it
+    loaded_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. init="random": a file's tensors replace the init
+
+    def save(self, model: nn.Module, directory: str | Path) -> Path:
+        """Write the model's adapter (config and tensors) to `directory` in PEFT's format.
+
+        Raises:
+            LorakitError: the model has no such adapter.
+        """
+        if self.config_key not in model.__dict__:
+            raise LorakitError(self.missing)
+        return save_method_files(directory, model.__dict__[self.config_key].to_dict(), self.tensors(model))
+
+    def load(self, model: nn.Module, directory: str | Path, is_trainable: bool = False) -> nn.Module:
+        """Add the adapter saved in `directory` (by lorakit or PEFT) to `model`.
+
+        Raises:
+            LorakitError: missing/corrupt files or tensors that do not fit the model (the model is then unchanged).
+        """
+        return load_method_files(model, directory, self.read_config, self._apply_loaded, self.tensors, self.remove,
+                                 is_trainable)
+
+    def _apply_loaded(self, model: nn.Module, config: Any) -> nn.Module:
+        return self.apply(model, dataclasses.replace(config, **self.loaded_overrides))
+
+    def remove(self, model: nn.Module) -> nn.Module:
+        """Take the adapter out again: the model is as it was before `apply`."""
+        self.remove_parts(model)
+        model.__dict__.pop(self.config_key, None)
+        return model
 
 
 class ModuleMethod(Method):
@@ -202,20 +233,3 @@ class ModuleMethod(Method):
         return [(name, getattr(parsed, name)) for name in cls.described]
 
 
-def save_module_files(model: nn.Module, directory: str | Path, config_key: str,
-                      tensors: Callable[[nn.Module], dict[str, torch.Tensor]], missing: str) -> Path:
-    """Write a ModuleMethod's files: the config its `apply` kept in `model.__dict__[config_key]` and
-    `tensors(model)`.
-
-    Args:
-        missing: the message when the model has no such config (nothing was applied).
-
-    Returns:
-        The directory.
-
-    Raises:
-        LorakitError: the model holds no config under `config_key`.
-    """
-    if config_key not in model.__dict__:
-        raise LorakitError(missing)
-    return save_method_files(directory, model.__dict__[config_key].to_dict(), tensors(model))

@@ -23,9 +23,9 @@ from torch import nn
 
 from lorakit.core.config import config_from_dict
 from lorakit.core.errors import LorakitError
-from lorakit.core.io import PREFIX, load_method_files
+from lorakit.core.io import PREFIX
 from lorakit.core.matching import name_matches
-from lorakit.methods.base import ModuleFunctions, ModuleMethod, save_module_files
+from lorakit.methods.base import ModuleFunctions, ModuleMethod
 
 PEFT_TYPE = "BOTTLENECK"
 _CONFIG_KEY = "lorakit_bottleneck_config"
@@ -164,32 +164,18 @@ def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {f"{PREFIX}{name}.bottleneck.{p}": t for name, b in bottlenecks(model) for p, t in b.named_parameters()}
 
 
-def save(model: nn.Module, directory: str | Path) -> Path:
-    """Write the model's bottleneck adapters to `directory`.
-
-    Raises:
-        LorakitError: the model has none.
-    """
-    return save_module_files(model, directory, _CONFIG_KEY, state_dict,
-                             "the model has no bottleneck adapters to save; add them with lorakit.methods.bottleneck.apply.")
-
-
-def load(model: nn.Module, directory: str | Path, is_trainable: bool = False) -> nn.Module:
-    """Add the bottleneck adapters saved in `directory` to `model`.
-
-    Raises:
-        LorakitError: missing/corrupt files or tensors that do not fit the model (the model is then unchanged).
-    """
-    return load_method_files(model, directory, BottleneckConfig.from_dict, apply, state_dict, remove, is_trainable)
-
-
-def remove(model: nn.Module) -> nn.Module:
+def _remove_parts(model: nn.Module) -> None:
     """Take the adapters and their hooks out of the model."""
     for name, adapter in bottlenecks(model):
         adapter.handle.remove()
         del model.get_submodule(name).bottleneck
-    model.__dict__.pop(_CONFIG_KEY, None)
-    return model
+
+
+FUNCTIONS = ModuleFunctions(
+    read_config=BottleneckConfig.from_dict, apply=apply, tensors=state_dict,
+    remove_parts=_remove_parts, part_type=Bottleneck, config_key=_CONFIG_KEY,
+    missing='the model has no bottleneck adapters to save; add them with lorakit.methods.bottleneck.apply.')
+save, load, remove = FUNCTIONS.save, FUNCTIONS.load, FUNCTIONS.remove
 
 
 @dataclass
@@ -206,7 +192,7 @@ class BottleneckMethod(ModuleMethod):
     """`--method adapter`: bottleneck adapters, which stay modules (never merged)."""
 
     name, options, peft_type, title = "adapter", BottleneckOptions, PEFT_TYPE, "bottleneck adapters"
-    functions = ModuleFunctions(BottleneckConfig.from_dict, apply, save, load, Bottleneck)
+    functions = FUNCTIONS
     described = ("bottleneck_size", "nonlinearity", "target_modules")
 
     @staticmethod

@@ -22,10 +22,10 @@ from torch import nn
 from lorakit.core.config import config_from_dict
 from lorakit.core.errors import LorakitError
 from lorakit.core.inject import named_candidates
-from lorakit.core.io import PREFIX, load_method_files
+from lorakit.core.io import PREFIX
 from lorakit.core.layers import LoraLayer, is_transposed_linear
 from lorakit.core.matching import is_linear, name_matches
-from lorakit.methods.base import ModuleFunctions, ModuleMethod, Row, Shapes, save_module_files
+from lorakit.methods.base import ModuleFunctions, ModuleMethod, Row, Shapes
 
 PEFT_TYPE = "IA3"
 _CONFIG_KEY = "lorakit_ia3_config"
@@ -175,31 +175,17 @@ def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {f"{PREFIX}{name}.ia3_l": layer.ia3_l for name, layer in ia3_layers(model)}
 
 
-def save(model: nn.Module, directory: str | Path) -> Path:
-    """Write the model's IA3 adapter to `directory` in PEFT's format.
-
-    Raises:
-        LorakitError: the model has no IA3 adapter.
-    """
-    return save_module_files(model, directory, _CONFIG_KEY, state_dict,
-                             "the model has no IA3 adapter to save; add one with lorakit.methods.ia3.apply(model, IA3Config()).")
-
-
-def load(model: nn.Module, directory: str | Path, is_trainable: bool = False) -> nn.Module:
-    """Add the IA3 adapter saved in `directory` (by lorakit or PEFT) to `model`.
-
-    Raises:
-        LorakitError: missing/corrupt files or tensors that do not fit the model (the model is then unchanged).
-    """
-    return load_method_files(model, directory, IA3Config.from_dict, apply, state_dict, remove, is_trainable)
-
-
-def remove(model: nn.Module) -> nn.Module:
+def _remove_parts(model: nn.Module) -> None:
     """Take the IA3 layers out again (the original modules come back, unchanged)."""
     for name, layer in ia3_layers(model):
         model.set_submodule(name, layer.base_layer)
-    model.__dict__.pop(_CONFIG_KEY, None)
-    return model
+
+
+FUNCTIONS = ModuleFunctions(
+    read_config=IA3Config.from_dict, apply=apply, tensors=state_dict,
+    remove_parts=_remove_parts, part_type=IA3Layer, config_key=_CONFIG_KEY,
+    missing='the model has no IA3 adapter to save; add one with lorakit.methods.ia3.apply(model, IA3Config()).')
+save, load, remove = FUNCTIONS.save, FUNCTIONS.load, FUNCTIONS.remove
 
 
 def check_mergeable(model: nn.Module) -> None:
@@ -242,7 +228,7 @@ class IA3Method(ModuleMethod):
     # default --lr 2e-4).
     lr_ratio = 20.0
     mergeable = True
-    functions = ModuleFunctions(IA3Config.from_dict, apply, save, load, IA3Layer)
+    functions = FUNCTIONS
     described = ("target_modules", "feedforward_modules")
 
     @staticmethod

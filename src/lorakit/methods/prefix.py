@@ -27,8 +27,7 @@ from torch import nn
 
 from lorakit.core.config import config_from_dict
 from lorakit.core.errors import LorakitError
-from lorakit.core.io import load_method_files
-from lorakit.methods.base import ModuleFunctions, ModuleMethod, save_module_files
+from lorakit.methods.base import ModuleFunctions, ModuleMethod
 
 PEFT_TYPE = "PREFIX_TUNING"
 INITS = ("vocab", "random")
@@ -234,6 +233,26 @@ def prefix_encoder(model: nn.Module) -> PrefixEncoder | None:
     return next((m for m in model.modules() if isinstance(m, PrefixEncoder)), None)
 
 
+def virtual_token_functions(read_config, apply, tensors, remove_parts, part_type, config_key: str,
+                            missing: str) -> ModuleFunctions:
+    """The ModuleFunctions of a virtual-token method (prefix, prompt): a loaded file's tensors replace the init."""
+    return ModuleFunctions(read_config, apply, tensors, remove_parts, part_type, config_key, missing,
+                           loaded_overrides={"init": "random"})
+
+
+def free_decoder(model: nn.Module) -> nn.Module:
+    """The decoder of `model`, checked to hold neither a prefix nor a prompt yet (both claim the first positions).
+
+    Raises:
+        LorakitError: not a decoder-only transformers model, or a prefix or prompt is already there.
+    """
+    decoder = decoder_of(model)
+    if prefix_encoder(model) is not None or hasattr(decoder, "prompt_tuning"):
+        raise LorakitError("the model already has a prefix or a prompt: lorakit holds one of them per model "
+                           "(both claim the first positions).")
+    return decoder
+
+
 def apply(model: nn.Module, config: PrefixConfig) -> nn.Module:
     """Give `model` a trainable prefix, in place; everything else is frozen.
 
@@ -244,10 +263,7 @@ def apply(model: nn.Module, config: PrefixConfig) -> nn.Module:
         LorakitError: not a decoder-only transformers model, a prefix or prompt is already there, or the
             config's geometry (read from a file) does not fit the model.
     """
-    decoder = decoder_of(model)
-    if prefix_encoder(model) is not None or hasattr(decoder, "prompt_tuning"):
-        raise LorakitError("the model already has a prefix or a prompt: lorakit holds one of them per model "
-                           "(both claim the first positions).")
+    decoder = free_decoder(model)
     layers, kv_heads, head_dim = geometry(model)
     wanted = {"num_layers": layers, "num_attention_heads": kv_heads, "token_dim": kv_heads * head_dim}
     wrong = {k: v for k, v in wanted.items() if getattr(config, k) not in (None, v)}
@@ -269,34 +285,16 @@ def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {FILE_KEY: prefix_encoder(model).prompt_embeddings}
 
 
-def save(model: nn.Module, directory: str | Path) -> Path:
-    """Write the model's prefix to `directory` in PEFT's format.
-
-    Raises:
-        LorakitError: the model has no prefix.
-    """
-    return save_module_files(model, directory, _CONFIG_KEY, _tensors,
-                             "the model has no prefix to save; add one with lorakit.methods.prefix.apply(model, PrefixConfig()).")
-
-
-def load(model: nn.Module, directory: str | Path, is_trainable: bool = False) -> nn.Module:
-    """Add the prefix saved in `directory` (by lorakit or PEFT) to `model`.
-
-    Raises:
-        LorakitError: missing/corrupt files, or a prefix made for another geometry (the model is then unchanged).
-    """
-    return load_method_files(model, directory, PrefixConfig.from_dict,
-                             lambda m, c: apply(m, dataclasses.replace(c, init="random")),  # the file replaces the init
-                             _tensors, remove, is_trainable)
-
-
-def remove(model: nn.Module) -> nn.Module:
+def _remove_parts(model: nn.Module) -> None:
     """Take the prefix and its hook out of the model."""
     decoder = decoder_of(model)
     decoder.prefix_tuning.handle.remove()
     del decoder.prefix_tuning
-    model.__dict__.pop(_CONFIG_KEY, None)
-    return model
+
+
+FUNCTIONS = virtual_token_functions(PrefixConfig.from_dict, apply, _tensors, _remove_parts, PrefixEncoder,
+                                    _CONFIG_KEY, 'the model has no prefix to save; add one with lorakit.methods.prefix.apply(model, PrefixConfig()).')
+save, load, remove = FUNCTIONS.save, FUNCTIONS.load, FUNCTIONS.remove
 
 
 @dataclass
@@ -313,7 +311,7 @@ class PrefixMethod(ModuleMethod):
     name, options, peft_type, title = "prefix", VirtualTokenOptions, PEFT_TYPE, "a prefix (prefix tuning)"
     # A few key/value vectors: larger steps than LoRA's factors (4e-3 at the default --lr 2e-4).
     lr_ratio = 20.0
-    functions = ModuleFunctions(PrefixConfig.from_dict, apply, save, load, PrefixEncoder)
+    functions = FUNCTIONS
     described = ("num_virtual_tokens", "num_layers", "token_dim")
 
     @staticmethod

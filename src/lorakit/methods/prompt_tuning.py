@@ -22,8 +22,7 @@ from torch import nn
 
 from lorakit.core.config import config_from_dict
 from lorakit.core.errors import LorakitError
-from lorakit.core.io import load_method_files
-from lorakit.methods.base import ModuleFunctions, ModuleMethod, save_module_files
+from lorakit.methods.base import ModuleMethod
 from lorakit.methods.prefix import (
     FILE_KEY,
     VirtualTokenConfig,
@@ -31,7 +30,8 @@ from lorakit.methods.prefix import (
     bind_call,
     cache_argument,
     decoder_of,
-    prefix_encoder,
+    free_decoder,
+    virtual_token_functions,
     shift_for_virtual_tokens,
 )
 
@@ -122,10 +122,7 @@ def apply(model: nn.Module, config: PromptTuningConfig) -> nn.Module:
         LorakitError: not a decoder-only transformers model, a prompt or prefix is already there, or the
             config's token_dim (read from a file) is not the model's hidden size.
     """
-    decoder = decoder_of(model)
-    if prompt_embedding(model) is not None or prefix_encoder(model) is not None:
-        raise LorakitError("the model already has a prompt or a prefix: lorakit holds one of them per model "
-                           "(both claim the first positions).")
+    decoder = free_decoder(model)
     embeddings = decoder.get_input_embeddings()
     hidden = embeddings.weight.shape[1]
     if config.token_dim not in (None, hidden):
@@ -147,35 +144,17 @@ def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {FILE_KEY: prompt_embedding(model).prompt_embeddings}
 
 
-def save(model: nn.Module, directory: str | Path) -> Path:
-    """Write the model's prompt to `directory` in PEFT's format.
-
-    Raises:
-        LorakitError: the model has no prompt.
-    """
-    return save_module_files(model, directory, _CONFIG_KEY, _tensors, "the model has no prompt to save; add one with "
-                             "lorakit.methods.prompt_tuning.apply(model, PromptTuningConfig()).")
-
-
-def load(model: nn.Module, directory: str | Path, is_trainable: bool = False) -> nn.Module:
-    """Add the prompt saved in `directory` (by lorakit or PEFT) to `model`.
-
-    Raises:
-        LorakitError: missing/corrupt files, or a prompt of another width (the model is then unchanged).
-    """
-    return load_method_files(model, directory, PromptTuningConfig.from_dict,
-                             lambda m, c: apply(m, dataclasses.replace(c, init="random")),  # the file replaces the init
-                             _tensors, remove, is_trainable)
-
-
-def remove(model: nn.Module) -> nn.Module:
+def _remove_parts(model: nn.Module) -> None:
     """Take the prompt and its hooks out of the model."""
     decoder = decoder_of(model)
     for handle in decoder.prompt_tuning.handles:
         handle.remove()
     del decoder.prompt_tuning
-    model.__dict__.pop(_CONFIG_KEY, None)
-    return model
+
+
+FUNCTIONS = virtual_token_functions(PromptTuningConfig.from_dict, apply, _tensors, _remove_parts, PromptEmbedding,
+                                    _CONFIG_KEY, 'the model has no prompt to save; add one with lorakit.methods.prompt_tuning.apply(model, PromptTuningConfig()).')
+save, load, remove = FUNCTIONS.save, FUNCTIONS.load, FUNCTIONS.remove
 
 
 class PromptMethod(ModuleMethod):
@@ -184,7 +163,7 @@ class PromptMethod(ModuleMethod):
     name, options, peft_type, title = "prompt", VirtualTokenOptions, PEFT_TYPE, "a prompt (prompt tuning)"
     # A few input embeddings: larger steps still than a prefix's (1.2e-2 at the default --lr 2e-4).
     lr_ratio = 60.0
-    functions = ModuleFunctions(PromptTuningConfig.from_dict, apply, save, load, PromptEmbedding)
+    functions = FUNCTIONS
     described = ("num_virtual_tokens", "token_dim")
 
     @staticmethod

@@ -28,11 +28,11 @@ from lorakit.training.tasks import forgetting_probe_texts
 class EvalResult:
     """What one evaluation measured; fields that were not measured stay None."""
 
+    n_examples: int = 0
     loss: float | None = None
     perplexity: float | None = None
     exact_match: float | None = None
     probe_perplexity: float | None = None
-    n_examples: int = 0
     samples: list[tuple[str, str]] = field(default_factory=list)  # (reference, generated), a few
     behaviour_answers: list[str] | None = None  # greedy answers to the general instructions (behaviour probe)
 

@@ -74,7 +74,7 @@ def test_sharegpt_reads_as_the_same_conversation():
      r"f:1: messages\[0\]: only assistant messages make tool calls"),
     ({"messages": [{"role": "assistant", "content": "", "tool_calls": [
         {"function": {"name": "w", "arguments": "{city"}}]}]},
-     r"messages\[0\]\.tool_calls\[0\]: function.arguments is not valid JSON"),
+     r"messages\[0\]\.tool_calls\[0\]: function.arguments: invalid JSON"),
     ({"messages": [{"role": "assistant", "tool_calls": [{"function": {"arguments": {}}}]}]}, "no function name"),
     ({"messages": [{"role": "assistant", "content": ""}]}, "'content' is empty"),
     ({"messages": [{"role": "developer", "content": "x"}]}, "unknown role 'developer'"),

@@ -13,10 +13,10 @@ taken too, as LLaMA-Factory writes them.
 """
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from lorakit.core.errors import LorakitError
+from lorakit.training.data.json_values import json_value
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {
@@ -28,14 +28,7 @@ SHAREGPT_ROLES = {
 def parse_json_field(value: Any, where: str, kind: type) -> Any:
     """`value` itself when it is already a `kind`, else `value` parsed from a JSON string (CSV cells, OpenAI
     tool-call arguments) and checked to be a `kind`."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise LorakitError(f"{where} is not valid JSON ({e.msg}); write a JSON {kind.__name__}.") from None
-    if not isinstance(value, kind):
-        raise LorakitError(f"{where} must be a JSON {kind.__name__}, got {type(value).__name__}.")
-    return value
+    return json_value(value, where, kind, "write a JSON list." if kind is list else "write a JSON object.")
 
 
 def text_field(message: dict, key: str, where: str, nonempty: bool = False) -> str:

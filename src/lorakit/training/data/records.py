@@ -17,13 +17,15 @@ errors (e.g. a sample longer than ``--max-seq-len``) can name ``file:line`` (``r
 from __future__ import annotations
 
 import csv
-import json
 import random
 from pathlib import Path
 from typing import Iterator
 
 from lorakit.core.errors import LorakitError
 from lorakit.training.data.conversation import chat_record, sharegpt_record
+from lorakit.training.data.json_values import json_value
+
+ONE_OBJECT_PER_LINE = 'write one JSON object per line, e.g. {"text": "..."}.'
 
 FORMATS = ("text", "instruction", "chat", "sharegpt")
 _EXTENSIONS = (".jsonl", ".csv", ".txt")
@@ -106,17 +108,7 @@ def _jsonl_rows(text: str, path: Path) -> Iterator[tuple[int, dict]]:
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LorakitError(
-                f"{path}:{number}: invalid JSON ({e.msg}); each line must be one JSON object."
-            ) from None
-        if not isinstance(row, dict):
-            raise LorakitError(
-                f"{path}:{number}: expected a JSON object, got {type(row).__name__}; "
-                'write one object per line, e.g. {"text": "..."}.'
-            )
+        row = json_value(line, f"{path}:{number}", dict, ONE_OBJECT_PER_LINE)
         yield number, row
 
 
@@ -140,13 +132,8 @@ def _csv_rows(text: str, path: Path) -> Iterator[tuple[int, dict]]:
         if not any(v.strip() for v in row.values()):
             continue
         if isinstance(row.get("messages"), str):
-            try:
-                row["messages"] = json.loads(row["messages"])
-            except json.JSONDecodeError as e:
-                raise LorakitError(
-                    f"{path}:{start}: the 'messages' cell is not valid JSON ({e.msg}); "
-                    'it must hold a JSON list like [{"role": "user", "content": "..."}].'
-                ) from None
+            row["messages"] = json_value(row["messages"], f"{path}:{start}: the 'messages' cell", list,
+                                         'it must hold a JSON list like [{"role": "user", "content": "..."}].')
         yield start, row
 
 

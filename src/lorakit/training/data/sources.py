@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import csv
 import glob
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from lorakit.core.errors import LorakitError
-from lorakit.training.data.records import detect_format, load_records, record_format, validate_record
+from lorakit.training.data.json_values import json_value
+from lorakit.training.data.records import ONE_OBJECT_PER_LINE, detect_format, load_records, record_format, validate_record
 from lorakit.training.hub import cached_snapshot, is_repo_id
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
@@ -224,12 +224,7 @@ def check_json_lines(path: Path, format: str | None) -> None:
             if not line.strip():
                 continue
             where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LorakitError(f"{where}: invalid JSON ({e.msg}); each line must be one JSON object.") from None
-            if not isinstance(row, dict):
-                raise LorakitError(f"{where}: expected a JSON object, got {type(row).__name__}.")
+            row = json_value(line, where, dict, ONE_OBJECT_PER_LINE)
             validate_record(row, format or detect_format(row, where), where)
 
 

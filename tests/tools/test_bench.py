@@ -33,14 +33,23 @@ def test_bench_train_json_has_every_configuration_and_consistent_ratios(tiny_mod
                  "--steps", "1", "--warmup", "1", "--device", "cpu", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     configs = out["configs"]
-    assert list(configs) == ["floor", "lorakit", "peft", "full"]
+    assert list(configs) == ["limit", "floor", "lorakit", "peft", "full"]
     for name, r in configs.items():
         assert r["tokens_per_s"] > 0 and r["step_s"] > 0 and r["peak_mem_bytes"] > 0 and r["model_bytes"] > 0
         assert r["tokens_per_s"] == pytest.approx(2 * 16 / r["step_s"])
         for ref in ("floor", "peft"):
-            if ref != name:
+            if ref != name and name != "limit":
                 assert r[f"tokens_per_s_vs_{ref}"] == pytest.approx(r["tokens_per_s"] / configs[ref]["tokens_per_s"])
                 assert r[f"peak_mem_vs_{ref}"] == pytest.approx(r["peak_mem_bytes"] / configs[ref]["peak_mem_bytes"])
+        if name != "limit":
+            assert r["step_s_vs_limit"] == pytest.approx(r["step_s"] / configs["limit"]["step_s"])
+    # the limit replays the lorakit step's products: at least every decoder linear's forward for all 32 tokens
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    h, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    kv = h // config["num_attention_heads"] * config.get("num_key_value_heads", config["num_attention_heads"])
+    linear_macs = layers * (2 * h * h + 2 * h * kv + 3 * h * inter)
+    assert configs["limit"]["gemms"]["gemms"] > 0
+    assert configs["limit"]["gemms"]["gflop"] * 1e9 >= 2 * 32 * linear_macs
     # floor/lorakit hold the frozen base in the compute dtype: half of peft's fp32 base where this CPU has
     # native bf16; fp32 too (plus the adapter) on a CPU without it (e.g. AVX2-only Zen 2)
     lorakit_bytes, peft_bytes = configs["lorakit"]["model_bytes"], configs["peft"]["model_bytes"]
@@ -90,8 +99,10 @@ def test_bench_infer_reports_all_rows(tiny_model_dir):
     out = bench_infer(BenchInferConfig(model=str(tiny_model_dir), new_tokens=4, repeats=1, device="cpu",
                                        target_modules=["q_proj", "v_proj"]))
     rates = out["tokens_per_s"]
-    assert set(rates) == {"base", "base (copy)", "unmerged", "merged", "peft unmerged"} and min(rates.values()) > 0
+    assert set(rates) == {"base", "base (copy)", "unmerged", "merged", "peft unmerged", "limit (bandwidth)"}
+    assert min(rates.values()) > 0
     assert out["merged_vs_base"] == pytest.approx(rates["merged"] / rates["base"])
+    assert out["base_vs_limit"] == pytest.approx(rates["base"] / rates["limit (bandwidth)"])
 
 
 def test_rounds_keep_the_median_run_and_the_largest_peak():

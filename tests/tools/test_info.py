@@ -1,4 +1,7 @@
 """lorakit.tools.info: what an adapter directory holds."""
+import json
+import time
+
 import pytest
 import torch
 
@@ -23,3 +26,22 @@ def test_info_needs_an_adapter_directory(tmp_path):
         run_info(InfoConfig())
     with pytest.raises(LorakitError, match="adapter_config.json not found"):
         run_info(InfoConfig(adapter=str(tmp_path)))
+
+
+def test_info_system_shows_this_machine_and_its_cached_kernel_choices(tmp_path, monkeypatch, capsys):
+    from lorakit.cli.main import main
+    from lorakit.core import autotune
+
+    monkeypatch.setenv("LORAKIT_HOME", str(tmp_path))
+    autotune.forget_process_decisions()
+    try:
+        winner = autotune.choose("demo", "n8", {"slow": lambda: time.sleep(0.003), "fast": lambda: None}, repeats=2)
+    finally:
+        autotune.forget_process_decisions()
+    assert main(["info", "--system", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["cpu"] == autotune.cpu_model() and info["torch"] == torch.__version__
+    assert info["kernels"] == {"demo[n8]": winner} and winner == "fast"
+    assert info["autotune_cache"] == str(tmp_path / autotune.FILE_NAME)
+    assert main(["info", "--system"]) == 0
+    assert "demo[n8]" in capsys.readouterr().out

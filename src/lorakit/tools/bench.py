@@ -51,8 +51,8 @@ class BenchTrainConfig(BenchModelOptions):
     """Timed steps (after --warmup); step_s is their median."""
     warmup: int = 2
     """Untimed steps first."""
-    configs: list[str] = field(default_factory=lambda: ["floor", "lorakit", "peft", "full"])
-    """Configurations to run: floor, lorakit, peft, full."""
+    configs: list[str] = field(default_factory=lambda: ["limit", "floor", "lorakit", "peft", "full"])
+    """Configurations to run: limit (the lorakit step's matrix products replayed alone), floor, lorakit, peft, full."""
     rounds: int = 1
     """Runs of each configuration, interleaved; the table keeps each one's median run (and largest peak memory)."""
     method: Literal["lora", "dora"] = "lora"
@@ -207,6 +207,8 @@ def run_one(name: str, cfg: BenchTrainConfig) -> dict:
 
     device = torch.device(cfg.device) if cfg.device else default_device()
     torch.manual_seed(0)
+    if name == "limit":
+        return run_limit(cfg, device)
     step, model = _step_function(name, cfg, device)
     setup_peak = peak_memory(device)
     step_peak_known = reset_peak_memory(device)
@@ -227,6 +229,25 @@ def run_one(name: str, cfg: BenchTrainConfig) -> dict:
             "peak_mem_bytes": max(setup_peak, peak_memory(device)),
             "step_peak_mem_bytes": peak_memory(device) if step_peak_known else None,
             "model_bytes": tensor_bytes(model)}
+
+
+def run_limit(cfg: BenchTrainConfig, device: torch.device) -> dict:
+    """The roofline of lorakit's step: its matrix products (forward and backward, as dispatched after the
+    warm-up steps, so in the dtypes and shapes the autotuned kernels chose) replayed back to back alone.
+
+    Products inside fused kernels (sdpa's flash attention) are not recorded, so the limit is a lower bound.
+    """
+    from lorakit.core.quantize import tensor_bytes
+    from lorakit.tools.roofline import capture_gemms, gemm_summary, replay_seconds
+
+    step, model = _step_function("lorakit", cfg, device)
+    for _ in range(max(1, cfg.warmup)):
+        step()
+    calls = capture_gemms(step)
+    step_s = replay_seconds(calls, device, repeats=max(3, cfg.steps))
+    return {"tokens_per_s": cfg.batch_size * cfg.seq_len / step_s, "step_s": step_s, "step_s_mean": step_s,
+            "peak_mem_bytes": peak_memory(device), "step_peak_mem_bytes": None, "model_bytes": tensor_bytes(model),
+            "gemms": gemm_summary(calls)}
 
 
 def run_in_subprocess(module: str, name: str, cfg, what: str) -> dict:
@@ -253,21 +274,23 @@ def run_in_subprocess(module: str, name: str, cfg, what: str) -> dict:
 
 def _ratios(results: dict[str, dict]) -> None:
     for name, r in results.items():
-        for ref in ("floor", "peft", "full"):
+        for ref in ("limit", "floor", "peft", "full"):
             if ref in results and ref != name:
                 r[f"tokens_per_s_vs_{ref}"] = r["tokens_per_s"] / results[ref]["tokens_per_s"]
-                r[f"peak_mem_vs_{ref}"] = r["peak_mem_bytes"] / results[ref]["peak_mem_bytes"]
                 r[f"step_s_vs_{ref}"] = r["step_s"] / results[ref]["step_s"]
+                if ref != "limit":  # the limit's memory is a process holding one model, not a training step
+                    r[f"peak_mem_vs_{ref}"] = r["peak_mem_bytes"] / results[ref]["peak_mem_bytes"]
 
 
 def train_table(results: dict[str, dict]) -> str:
-    lines = ["| config | tokens/s | step (s) | peak memory (GB) | vs floor (tok/s) | vs peft (tok/s) | vs peft (memory) "
-             "| model (GB) | steps peak (GB) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| config | tokens/s | step (s) | step vs limit | peak memory (GB) | vs floor (tok/s) | vs peft (tok/s) "
+             "| vs peft (memory) | model (GB) | steps peak (GB) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         f = lambda key: f"{r[key]:.2f}x" if key in r else "-"  # noqa: E731
         steps_peak = f"{r['step_peak_mem_bytes'] / 1e9:.2f}" if r.get("step_peak_mem_bytes") else "-"
-        lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {r['step_s']:.3f} | {r['peak_mem_bytes'] / 1e9:.2f} | "
+        lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {r['step_s']:.3f} | {f('step_s_vs_limit')} "
+                     f"| {r['peak_mem_bytes'] / 1e9:.2f} | "
                      f"{f('tokens_per_s_vs_floor')} | {f('tokens_per_s_vs_peft')} | {f('peak_mem_vs_peft')} "
                      f"| {r['model_bytes'] / 1e9:.3f} | {steps_peak} |")
     return "\n".join(lines)
@@ -294,13 +317,24 @@ def bench_train(cfg: BenchTrainConfig) -> dict:
     out = {"model": cfg.model or "default", "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "r": cfg.r,
            "quantize": cfg.quantize, "method": cfg.method, "rounds": cfg.rounds, "torch": torch.__version__,
            "configs": results}
-    print(json.dumps(out, indent=2) if cfg.json else train_table(results))
+    from lorakit.core import autotune
+
+    out["machine"] = autotune.machine_key()
+    out["kernels"] = {entry: d.get("choice") for entry, d in autotune.decisions().items()}
+    print(json.dumps(out, indent=2) if cfg.json else train_table(results) + "\n\n" + kernel_lines(out))
     return out
+
+
+def kernel_lines(out: dict) -> str:
+    """Where the bench ran and the kernels autotune chose there (the subprocesses measured and cached them)."""
+    chosen = [f"  {entry}: {choice}" for entry, choice in out["kernels"].items()] or ["  (none measured)"]
+    return "\n".join([f"machine: {out['machine']}", "kernels chosen on it:", *chosen])
 
 
 # ---- inference ---------------------------------------------------------------------------------------
 def bench_infer(cfg: BenchInferConfig) -> dict:
-    """Generation tokens/s of the base, base + adapter (unmerged) and merged, same prompt and length.
+    """Generation tokens/s of the base, base + adapter (unmerged) and merged, same prompt and length, and
+    the limit: the base's weight bytes over the measured memory bandwidth (decoding is memory-bound).
 
     "merged" is what `lorakit merge` exports: merge_and_unload, the base's own modules with W + s B A.
     The models are held side by side and timed in turn, round after round (the best round of each is
@@ -340,7 +374,12 @@ def bench_infer(cfg: BenchInferConfig) -> dict:
                 if round_:
                     best[name] = min(best[name], time.perf_counter() - start)
     results = {name: cfg.new_tokens / seconds for name, seconds in best.items()}
-    out = {"tokens_per_s": results, "unmerged_vs_base": results["unmerged"] / results["base"],
+    # decoding reads every weight once per token: the base's bytes over the measured bandwidth bound it
+    from lorakit.core.quantize import tensor_bytes
+    from lorakit.tools.roofline import decode_limit_tokens_per_s, memory_bandwidth
+
+    results["limit (bandwidth)"] = decode_limit_tokens_per_s(tensor_bytes(base), memory_bandwidth(device))
+    out = {"tokens_per_s": results, "base_vs_limit": results["base"] / results["limit (bandwidth)"], "unmerged_vs_base": results["unmerged"] / results["base"],
            "merged_vs_base": results["merged"] / results["base"], "new_tokens": cfg.new_tokens,
            "model": cfg.model or "default", "r": cfg.r}
     if cfg.json:

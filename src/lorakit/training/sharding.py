@@ -99,7 +99,7 @@ def shard_model(model: nn.Module, world: World, options: ShardOptions) -> nn.Mod
 
     check_quantized(model, world.device)
     kwargs = {"mesh": device_mesh(world),
-              "offload_policy": CPUOffloadPolicy() if options.cpu_offload else OffloadPolicy()}
+              "offload_policy": CPUOffloadPolicy(pin_memory=world.device.type == "cuda") if options.cpu_offload else OffloadPolicy()}
     policy = mixed_precision(options)
     if policy is not None:
         kwargs["mp_policy"] = policy

@@ -8,6 +8,7 @@ Run directory: adapter/ (PEFT format), checkpoints/, config.yaml, metrics.jsonl,
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,7 +20,7 @@ from torch import nn
 
 from lorakit.core.adapters import Summary, summary
 from lorakit.core.errors import LorakitError
-from lorakit.core.fsutil import atomic_directory
+from lorakit.core.fsutil import atomic_directory, atomic_write_text
 from lorakit.core.quantize import quantize_model
 from lorakit.methods.combine import apply_methods, save_methods
 from lorakit.methods.registry import make_methods, optimizer_groups
@@ -51,6 +52,7 @@ from lorakit.training.sharding import (
     full_trainable,
     is_sharded,
     shard_model,
+    shard_report,
 )
 from lorakit.training.tasks import forgetting_probe_texts
 from lorakit.training.tracking import Trackers, eval_metrics, make_trackers, train_metrics
@@ -184,6 +186,9 @@ def build_trainer(run: Run) -> Trainer:
     counts = summary(model, print_summary=False)
     if cfg.shard == "fsdp":  # after the methods (their factors shard with their blocks), before the optimizer
         shard_model(model, world, ShardOptions(cfg.reshard_after_forward, cfg.cpu_offload, run.dtype))
+        report = shard_report(model, world)
+        if world.is_main:
+            atomic_write_text(run.out / "sharding.json", json.dumps(report, indent=2))
     # a stream has no length: TrainConfig asks for --max-steps with --streaming
     plan = BatchPlan(run.data.size or 1, cfg.batch_size, world.size, cfg.grad_accum, cfg.seed)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * run.data.size / plan.global_batch))

@@ -240,3 +240,17 @@ def swap_optimizer(optimizer: torch.optim.Optimizer, new: dict[int, nn.Parameter
                 value = shard_like(value.to(param.to_local().device), param)
             converted[name] = value
         optimizer.state[param] = converted
+
+
+def shard_report(model: nn.Module, world: World) -> dict:
+    """What each process holds after sharding, in bytes: the base's whole size and every rank's share of it
+    (and of the trainable parameters), read from the local shards. Every process must call this."""
+    import torch.distributed as dist
+
+    mine = torch.tensor([local_bytes(model), local_bytes(model, trainable=True)], dtype=torch.int64)
+    ranks = [torch.zeros_like(mine) for _ in range(world.size)]
+    dist.all_gather(ranks, mine)
+    whole = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    return {"world_size": world.size, "base_bytes": whole,
+            "base_bytes_per_rank": [int(r[0]) for r in ranks],
+            "trainable_bytes_per_rank": [int(r[1]) for r in ranks]}

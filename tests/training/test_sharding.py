@@ -126,7 +126,7 @@ def test_two_nodes_on_localhost(single, tiny_model_dir, task_files, tmp_path):
 
 def test_kill_9_of_one_rank_stops_the_run_and_resume_finishes_it(tiny_model_dir, task_files, tmp_path):
     out = tmp_path / "run"
-    args = train_args(tiny_model_dir, task_files[0], out, "--batch-size", "2", "--max-steps", "24",
+    args = train_args(tiny_model_dir, task_files[0], out, "--batch-size", "2", "--max-steps", "12",
                       "--save-every", "2", "--shard", "fsdp")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launcher = subprocess.Popen(torchrun(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
@@ -149,7 +149,7 @@ def test_kill_9_of_one_rank_stops_the_run_and_resume_finishes_it(tiny_model_dir,
     assert not (out / "adapter").exists()
     run(torchrun(*args, "--resume"))
     full = tmp_path / "full"
-    assert main(train_args(tiny_model_dir, task_files[0], full, "--batch-size", "4", "--max-steps", "24")) == 0
+    assert main(train_args(tiny_model_dir, task_files[0], full, "--batch-size", "4", "--max-steps", "12")) == 0
     assert_same_adapter(full, out)
 
 

@@ -3,7 +3,8 @@
 
     python benchmarks/fsdp_memory.py            # launches both runs (about 2 minutes on 2 cores)
 
-Each training process reports from /proc/self/status: VmHWM (its peak resident set) and VmRSS after
+Each training process loads, shards and trains (the before/after evaluations of `lorakit train` are
+left out) and reports from /proc/self/status: VmHWM (its peak resident set) and VmRSS after
 training (steady state), and from its local shards the bytes of the base it holds (sharding.json).
 The peak includes loading: every rank loads the whole base before sharding it (not memory-lean yet).
 """
@@ -29,13 +30,24 @@ def status_mb(field: str) -> float:
 
 
 def worker(argv: list[str]) -> None:
+    """Load, shard (with --shard fsdp) and train a few steps; the before/after evaluations are left out,
+    they measure the model rather than training."""
+    import time
+
     from lorakit.cli.args import parse_config
     from lorakit.training.config import TrainConfig
-    from lorakit.training.loop import train
+    from lorakit.training.distributed import close_world, init_world
+    from lorakit.training.loop import build_trainer, setup_run, train_step
 
-    train(parse_config(TrainConfig, argv, prog="lorakit train"))
-    print(json.dumps({"rank": int(os.environ.get("RANK", 0)), "peak_mb": status_mb("VmHWM"),
-                      "end_mb": status_mb("VmRSS")}), flush=True)
+    cfg = parse_config(TrainConfig, argv, prog="lorakit train")
+    world = init_world(cfg.device)
+    run = setup_run(cfg, world, time.perf_counter())
+    trainer = build_trainer(run)
+    run.model.train()
+    for step in range(trainer.total_steps):
+        train_step(run, trainer, step)
+    print(json.dumps({"rank": world.rank, "peak_mb": status_mb("VmHWM"), "end_mb": status_mb("VmRSS")}), flush=True)
+    close_world(world)
 
 
 def launch(cmd: list[str]) -> list[dict]:

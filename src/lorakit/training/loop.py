@@ -45,6 +45,7 @@ from lorakit.training.loss import IGNORE_INDEX, loss_sum
 from lorakit.training.models import compute_dtype, load_model
 from lorakit.training.progress import Progress
 from lorakit.training.report import MetricsLog, write_run_report
+from lorakit.training.sharded_loading import load_shards, loads_lean
 from lorakit.training.sharding import (
     ShardedStep,
     ShardOptions,
@@ -120,6 +121,7 @@ class Run:
     data: Datasets
     started: float              # time.perf_counter() when the run began
     trackers: Trackers = field(default_factory=lambda: Trackers([]))   # --report-to (rank 0)
+    weights_dir: Path | None = None   # --shard fsdp, loaded lean: the model is on meta until sharded and read
 
     @property
     def ckpt_dir(self) -> Path:
@@ -148,13 +150,16 @@ def setup_run(cfg: TrainConfig, world: World, started: float) -> Run:
     """Load the base model (in the compute dtype, quantized if asked) and the data; write config.yaml."""
     torch.manual_seed(cfg.seed)
     dtype = compute_dtype(cfg.precision, world.device)
+    lean = cfg.shard == "fsdp" and loads_lean(cfg.method, cfg.lora.init_lora_weights, cfg.quantize)
     with main_first(world):  # rank 0 converts and caches a GGUF model once
         # The frozen base lives in the compute dtype (loaded so: no fp32 copy, no per-step re-cast).
-        loaded = load_model(cfg.model, device=world.device, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        loaded = load_model(cfg.model, device=world.device, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+                            empty=lean)
     # Before the 'before' measurement, so that before and after are measured on the same (quantized) base.
     quantize_model(loaded.model, cfg.quantize, dtype)
     data = load_datasets(cfg, loaded.tokenizer, world.size)
-    run = Run(cfg, world, Path(cfg.output), loaded.model, loaded.tokenizer, loaded.source, dtype, data, started)
+    run = Run(cfg, world, Path(cfg.output), loaded.model, loaded.tokenizer, loaded.source, dtype, data, started,
+              weights_dir=loaded.directory if lean else None)
     if world.is_main:
         run.out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.out / "config.yaml")
@@ -186,6 +191,8 @@ def build_trainer(run: Run) -> Trainer:
     counts = summary(model, print_summary=False)
     if cfg.shard == "fsdp":  # after the methods (their factors shard with their blocks), before the optimizer
         shard_model(model, world, ShardOptions(cfg.reshard_after_forward, cfg.cpu_offload, run.dtype))
+        if run.weights_dir is not None:
+            load_shards(model, run.weights_dir, world.device, cfg.seed, cfg.lora.init_lora_weights)
         report = shard_report(model, world)
         if world.is_main:
             atomic_write_text(run.out / "sharding.json", json.dumps(report, indent=2))
@@ -369,10 +376,12 @@ def train(cfg: TrainConfig) -> dict:
     try:
         run = setup_run(cfg, world, started)
         trackers = run.trackers
+        # a model loaded lean exists only once sharded: it is measured then (LoRA starts at B = 0: the base)
+        trainer = build_trainer(run) if run.weights_dir else None
         before = measure(run)
         if before is not None:
             trackers.log_metrics(eval_metrics(before.to_dict(), "before"), step=0)
-        trainer = build_trainer(run)
+        trainer = trainer or build_trainer(run)
         start_step = resume(run, trainer)
         if cfg.max_forgetting > 0 and world.is_main:
             trainer.guard = ForgettingGuard(cfg.max_forgetting, before.probe_perplexity)

@@ -73,6 +73,9 @@ def test_two_processes_train_the_single_process_adapter(options, single, tiny_mo
     run(torchrun(*train_args(tiny_model_dir, task_files[0], out, "--batch-size", "2", "--max-steps", "4",
                              "--save-every", "2", "--shard", "fsdp", *options)))
     assert_same_adapter(single, out)
+    # the base each rank read (its own rows only) is the base: the same held-out loss before training
+    before = [json.loads((d / "summary.json").read_text())["before"]["loss"] for d in (single, out)]
+    assert before[0] == pytest.approx(before[1], abs=1e-5)
     # the adapter is the normal single-process file set, and so is the checkpoint
     assert sorted(p.name for p in (out / "adapter").iterdir()) == sorted(p.name for p in (single / "adapter").iterdir())
     mid = load_file(str(out / "checkpoints" / "step-00000002" / "trainable.safetensors"))
@@ -183,3 +186,21 @@ def test_quantized_base_on_cpu_is_refused_with_the_reason():
     with pytest.raises(LorakitError, match="needs CUDA"):
         check_quantized(model, torch.device("cpu"))
     check_quantized(LlamaForCausalLM(cfg), torch.device("cpu"))  # an unquantized base shards anywhere
+
+
+def test_lean_loading_reads_slices_by_checkpoint_name(tmp_path):
+    from safetensors.torch import save_file
+
+    from lorakit.training.sharded_loading import checkpoint_name, loads_lean, weight_files
+
+    save_file({"model.layers.0.self_attn.q_proj.weight": torch.zeros(2, 2)}, str(tmp_path / "model.safetensors"))
+    files = weight_files(tmp_path)
+    assert checkpoint_name("model.layers.0.self_attn.q_proj.base_layer.weight", files) == \
+        "model.layers.0.self_attn.q_proj.weight"
+    with pytest.raises(LorakitError, match="no tensor"):
+        checkpoint_name("model.layers.0.mlp.up_proj.base_layer.weight", files)
+    with pytest.raises(LorakitError, match="safetensors"):
+        (tmp_path / "nothing").mkdir()
+        weight_files(tmp_path / "nothing")
+    assert loads_lean("lora", True, "none") and not loads_lean("dora", True, "none")
+    assert not loads_lean("lora", "pissa", "none") and not loads_lean("lora", True, "nf4")

@@ -204,3 +204,12 @@ def test_lean_loading_reads_slices_by_checkpoint_name(tmp_path):
         weight_files(tmp_path / "nothing")
     assert loads_lean("lora", True, "none") and not loads_lean("dora", True, "none")
     assert not loads_lean("lora", "pissa", "none") and not loads_lean("lora", True, "nf4")
+
+
+def test_dora_loads_whole_then_shards_and_matches_one_process(tiny_model_dir, task_files, tmp_path):
+    # DoRA's magnitudes start from the base's norms: it takes the load-whole-then-shard path.
+    args = ("--max-steps", "2", "--method", "dora")
+    assert main(train_args(tiny_model_dir, task_files[0], tmp_path / "one", "--batch-size", "4", *args)) == 0
+    run(torchrun(*train_args(tiny_model_dir, task_files[0], tmp_path / "two", "--batch-size", "2", "--shard", "fsdp",
+                             *args)))
+    assert_same_adapter(tmp_path / "one", tmp_path / "two")

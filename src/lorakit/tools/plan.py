@@ -19,6 +19,7 @@ from torch import nn
 
 from lorakit.core.errors import LorakitError
 from lorakit.core.quantize import NF4_BLOCK
+from lorakit.tools.plan_shard import GB, Units, devices_needed, shard_parts, shard_table
 from lorakit.training.loss import (
     CHUNK_TOKENS as LOSS_CHUNK_TOKENS,  # the positions whose logits exist at once
 )
@@ -42,11 +43,17 @@ class PlanConfig:
     """Compute dtype: of the frozen base (LoRA) and of the activations."""
     device: Literal["cuda", "cpu"] = "cuda"
     """Where it trains: on cpu, lorakit's bf16 attention keeps the attention probabilities (lorakit.attention)."""
+    shard: Literal["none", "fsdp"] = "none"
+    """fsdp: also the per-device memory of `lorakit train --shard fsdp` over --nproc processes."""
+    nproc: int = 1
+    """--shard fsdp: processes (devices) the model is sharded over."""
+    device_gb: float = 0.0
+    """--shard fsdp: memory of one device in GB (1e9 bytes): say whether the run fits it and how many devices it needs (0: do not judge)."""
     json: bool = False
     """Print a JSON object instead of tables."""
 
     def __post_init__(self) -> None:
-        for name in ("r", "batch_size", "seq_len"):
+        for name in ("r", "batch_size", "seq_len", "nproc"):
             if getattr(self, name) <= 0:
                 raise LorakitError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
 
@@ -78,6 +85,7 @@ class Plan:
     base_params: int
     modules: list[ModulePlan]
     methods: list[MethodPlan]
+    shard: dict[str, Any] = field(default_factory=dict)   # --shard fsdp: per method, per-device parts at nproc
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -300,6 +308,7 @@ def _adapted_by_layer(model: nn.Module, n_layers: int) -> list[list[tuple[str, i
 def plan(
     spec: str | dict | None = None, r: int = 8, target_modules: str | list[str] = "all-linear",
     batch_size: int = 1, seq_len: int = 512, dtype: str = "bf16", device: str = "cuda",
+    nproc: int = 0, device_gb: float = 0.0,
 ) -> Plan:
     """Counts, adapter size and training memory of full fine-tuning, LoRA and QLoRA (NF4) for a model config.
 
@@ -310,6 +319,8 @@ def plan(
         batch_size, seq_len: the micro-batch the activations are estimated for.
         dtype: compute dtype, "bf16", "fp16" or "fp32".
         device: "cuda" or "cpu" (lorakit's CPU attention keeps more activations at short sequences).
+        nproc: > 0: also the per-device memory of LoRA and QLoRA sharded with FSDP over nproc processes
+            (`lorakit.tools.plan_shard`); device_gb > 0 then judges whether that fits a device of that size.
 
     Returns:
         The plan; parameter counts and adapter shapes are exact, memory is estimated (`memory_parts`).
@@ -353,7 +364,36 @@ def plan(
                    memory_parts("qlora", sizes, lora, adapted, *batch)),
     ]
     name = config.model_type + " config" if isinstance(spec, dict) else str(spec or "default")
-    return Plan(name, counts["base"], modules, methods)
+    result = Plan(name, counts["base"], modules, methods)
+    if nproc > 0:
+        tokens = batch_size * seq_len
+        for m in methods[1:]:
+            units = fsdp_units(model, m.method, e)
+            per = lambda n, m=m, units=units: shard_parts(m.memory, m.trainable_params, units, n,  # noqa: E731
+                                                          tokens * sizes.vocab * (e + 8))
+            parts = per(nproc)
+            result.shard[m.method] = {"nproc": nproc, "parts": parts,
+                                      "fits": bool(device_gb) and parts["total_checkpointed"] <= device_gb * GB,
+                                      "devices_needed": devices_needed(per, device_gb * GB) if device_gb else None}
+    return result
+
+
+def fsdp_units(model: nn.Module, method: str, e: int) -> Units:
+    """Full bytes of one decoder block (its base in the compute dtype, or NF4 linears for qlora, plus its
+    factors cast to the compute dtype) and of the root unit (everything outside the blocks)."""
+    from lorakit.training.sharding import decoder_blocks
+
+    blocks = decoder_blocks(model)
+    block = blocks[0]
+    base = [p for p in block.parameters() if not p.requires_grad]
+    size = e * _numel(p for p in block.parameters())
+    if method == "qlora":
+        from lorakit.core.quantize import quantizable_linears
+
+        linears = [m.weight for _, m in quantizable_linears(model) if any(m.weight is p for p in base)]
+        size += sum(nf4_bytes(w.numel()) - e * w.numel() for w in linears)
+    root = _numel(p for p in model.parameters() if not p.requires_grad) - len(blocks) * _numel(base)
+    return Units(block=size, root=e * root)
 
 
 # ---- output ------------------------------------------------------------------------------------------
@@ -398,11 +438,16 @@ def plan_tables(result: Plan, cfg: PlanConfig) -> str:
 
 def run_plan(cfg: PlanConfig) -> dict:
     """`lorakit plan`: print the plan as tables (or JSON); returns it as a dict."""
-    result = plan(cfg.model_or_config, cfg.r, cfg.target_modules, cfg.batch_size, cfg.seq_len, cfg.dtype, cfg.device)
+    if cfg.shard == "none" and (cfg.nproc != 1 or cfg.device_gb):
+        raise LorakitError("--nproc and --device-gb size a sharded run: add --shard fsdp.")
+    result = plan(cfg.model_or_config, cfg.r, cfg.target_modules, cfg.batch_size, cfg.seq_len, cfg.dtype, cfg.device,
+                  nproc=cfg.nproc if cfg.shard == "fsdp" else 0, device_gb=cfg.device_gb)
     out = result.to_dict()
     if cfg.json:
         out["methods"] = {m["method"]: {k: v for k, v in m.items() if k != "method"} for m in out["methods"]}
         print(json.dumps(out, indent=2))
     else:
         print(plan_tables(result, cfg))
+        if result.shard:
+            print("\n" + shard_table(result.shard, cfg.nproc, cfg.device_gb, _human))
     return out

@@ -19,6 +19,10 @@ from lorakit.training.data.sources import parse_columns
 from lorakit.training.tracking import check_report_to
 
 
+# The methods --shard fsdp trains: their factors live inside the blocks they adapt.
+SHARDED_METHODS = ("lora", "dora", "pissa")
+
+
 @dataclass
 class TrainConfig:
     model: str | None = None
@@ -105,6 +109,12 @@ class TrainConfig:
     """QLoRA: hold the frozen base's block linears in 4-bit NF4 (double-quantized scales) or int8 (bitsandbytes); LoRA trains in fp32 on top."""
     device: str | None = None
     """cpu, cuda, cuda:1 ...; default: cuda if available."""
+    shard: Literal["none", "fsdp"] = "none"
+    """Under torchrun: fsdp shards the model (each decoder block, then the rest) across the processes with PyTorch FSDP2, so a base larger than one device trains; none: each process holds the whole model (DDP)."""
+    reshard_after_forward: bool = True
+    """--shard fsdp: free each block's gathered weights after its forward (less memory, one more all-gather in backward)."""
+    cpu_offload: bool = False
+    """--shard fsdp: keep the sharded parameters, gradients and optimizer state in CPU memory (FSDP's CPUOffloadPolicy)."""
     report_to: list[str] = field(default_factory=lambda: ["none"])
     """Experiment trackers besides metrics.jsonl: tensorboard, mlflow (comma-separated), or none."""
     quiet: bool = False
@@ -147,4 +157,19 @@ class TrainConfig:
             raise LorakitError("--streaming reads data of unknown length, so give the run's length with --max-steps.")
         if self.max_samples < 0:
             raise LorakitError(f"--max-samples must be 0 (all) or positive, got {self.max_samples}.")
+        self.check_shard()
         make_methods(self)  # unknown method names and invalid method options fail now, before the model loads
+
+    def check_shard(self) -> None:
+        """--shard fsdp: the methods and options it is tested with; others are refused, not half-run."""
+        if self.shard == "none":
+            if self.cpu_offload:
+                raise LorakitError("--cpu-offload applies to --shard fsdp; add --shard fsdp or drop --cpu-offload.")
+            return
+        others = sorted(set(self.method.split("+")) - set(SHARDED_METHODS))
+        if others:
+            raise LorakitError(f"--shard fsdp trains {', '.join(SHARDED_METHODS)}; not {', '.join(others)}. "
+                               "Use one of those methods, or --shard none.")
+        if self.preserve > 0 or self.max_forgetting > 0:
+            raise LorakitError("--preserve and --max-forgetting are not available with --shard fsdp yet; "
+                               "drop them or use --shard none.")

@@ -8,6 +8,7 @@ Run directory: adapter/ (PEFT format), checkpoints/, config.yaml, metrics.jsonl,
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,7 +20,7 @@ from torch import nn
 
 from lorakit.core.adapters import Summary, summary
 from lorakit.core.errors import LorakitError
-from lorakit.core.fsutil import atomic_directory
+from lorakit.core.fsutil import atomic_directory, atomic_write_text
 from lorakit.core.quantize import quantize_model
 from lorakit.methods.combine import apply_methods, save_methods
 from lorakit.methods.registry import make_methods, optimizer_groups
@@ -44,6 +45,16 @@ from lorakit.training.loss import IGNORE_INDEX, loss_sum
 from lorakit.training.models import compute_dtype, load_model
 from lorakit.training.progress import Progress
 from lorakit.training.report import MetricsLog, write_run_report
+from lorakit.training.sharded_loading import load_shards, loads_lean
+from lorakit.training.sharding import (
+    ShardedStep,
+    ShardOptions,
+    clip_gradients,
+    full_trainable,
+    is_sharded,
+    shard_model,
+    shard_report,
+)
 from lorakit.training.tasks import forgetting_probe_texts
 from lorakit.training.tracking import Trackers, eval_metrics, make_trackers, train_metrics
 
@@ -110,6 +121,7 @@ class Run:
     data: Datasets
     started: float              # time.perf_counter() when the run began
     trackers: Trackers = field(default_factory=lambda: Trackers([]))   # --report-to (rank 0)
+    weights_dir: Path | None = None   # --shard fsdp, loaded lean: the model is on meta until sharded and read
 
     @property
     def ckpt_dir(self) -> Path:
@@ -138,13 +150,16 @@ def setup_run(cfg: TrainConfig, world: World, started: float) -> Run:
     """Load the base model (in the compute dtype, quantized if asked) and the data; write config.yaml."""
     torch.manual_seed(cfg.seed)
     dtype = compute_dtype(cfg.precision, world.device)
+    lean = cfg.shard == "fsdp" and loads_lean(cfg.method, cfg.lora.init_lora_weights, cfg.quantize)
     with main_first(world):  # rank 0 converts and caches a GGUF model once
         # The frozen base lives in the compute dtype (loaded so: no fp32 copy, no per-step re-cast).
-        loaded = load_model(cfg.model, device=world.device, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        loaded = load_model(cfg.model, device=world.device, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+                            empty=lean)
     # Before the 'before' measurement, so that before and after are measured on the same (quantized) base.
     quantize_model(loaded.model, cfg.quantize, dtype)
     data = load_datasets(cfg, loaded.tokenizer, world.size)
-    run = Run(cfg, world, Path(cfg.output), loaded.model, loaded.tokenizer, loaded.source, dtype, data, started)
+    run = Run(cfg, world, Path(cfg.output), loaded.model, loaded.tokenizer, loaded.source, dtype, data, started,
+              weights_dir=loaded.directory if lean else None)
     if world.is_main:
         run.out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.out / "config.yaml")
@@ -154,8 +169,12 @@ def setup_run(cfg: TrainConfig, world: World, started: float) -> Run:
 
 
 def measure(run: Run) -> EvalResult | None:
-    """The model as it is now on the held-out set and the forgetting probe (rank 0; None elsewhere)."""
+    """The model as it is now on the held-out set and the forgetting probe (rank 0; None elsewhere).
+    A sharded model runs on every process (each forward gathers from all), rank 0 keeps the result."""
     if not run.world.is_main:
+        if is_sharded(run.model):
+            evaluate(run.model, run.tokenizer, run.data.eval, run.world.device, run.cfg.eval_samples,
+                     run.cfg.max_new_tokens)
         return None
     return evaluate(run.model, run.tokenizer, run.data.eval, run.world.device, run.cfg.eval_samples,
                     run.cfg.max_new_tokens)
@@ -170,13 +189,22 @@ def build_trainer(run: Run) -> Trainer:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     counts = summary(model, print_summary=False)
+    if cfg.shard == "fsdp":  # after the methods (their factors shard with their blocks), before the optimizer
+        shard_model(model, world, ShardOptions(cfg.reshard_after_forward, cfg.cpu_offload, run.dtype))
+        if run.weights_dir is not None:
+            load_shards(model, run.weights_dir, world.device, cfg.seed, cfg.lora.init_lora_weights)
+        report = shard_report(model, world)
+        if world.is_main:
+            atomic_write_text(run.out / "sharding.json", json.dumps(report, indent=2))
     # a stream has no length: TrainConfig asks for --max-steps with --streaming
     plan = BatchPlan(run.data.size or 1, cfg.batch_size, world.size, cfg.grad_accum, cfg.seed)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * run.data.size / plan.global_batch))
     optimizer = make_optimizer(model, cfg, methods)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     step_module: nn.Module = CausalLMLoss(model)
-    if world.distributed:
+    if is_sharded(model):
+        step_module = ShardedStep(step_module, model)
+    elif world.distributed:
         # DDP registers hooks only on parameters that require grad: only LoRA gradients are reduced.
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[world.device.index] if world.device.type == "cuda" else None)
@@ -196,7 +224,8 @@ def resume(run: Run, trainer: Trainer) -> int:
         if run.world.is_main:
             print(f"--resume: no checkpoint in {run.ckpt_dir}; starting from step 0.")
         return 0
-    step = load_checkpoint(ckpt, run.model, trainer.optimizer, trainer.scheduler)["step"]
+    with full_trainable(run.model, trainer.optimizer):  # a checkpoint holds full tensors, whatever the world size
+        step = load_checkpoint(ckpt, run.model, trainer.optimizer, trainer.scheduler)["step"]
     if run.world.is_main:
         print(f"resumed from {ckpt} (step {step})")
     return step
@@ -257,8 +286,9 @@ def update(run: Run, trainer: Trainer, step: int) -> None:
     if scaler:
         scaler.unscale_(optimizer)
     # max_norm=inf measures the norm without clipping
-    trainer.grad_norm = float(torch.nn.utils.clip_grad_norm_(
-        [p for p in run.model.parameters() if p.requires_grad], run.cfg.max_grad_norm or math.inf))
+    params, max_norm = [p for p in run.model.parameters() if p.requires_grad], run.cfg.max_grad_norm or math.inf
+    trainer.grad_norm = (clip_gradients(params, max_norm) if is_sharded(run.model)
+                         else float(torch.nn.utils.clip_grad_norm_(params, max_norm)))
     if scaler:
         scaler.step(optimizer)
         scaler.update()
@@ -273,9 +303,10 @@ def update(run: Run, trainer: Trainer, step: int) -> None:
 def maybe_evaluate(run: Run, trainer: Trainer, step: int) -> dict[str, float]:
     """Every --eval-every steps but the last (rank 0): {"eval_loss": held-out loss}; else {}."""
     n, every = step + 1, run.cfg.eval_every
-    if not (every and n % every == 0 and n < trainer.total_steps and run.world.is_main):
+    if not (every and n % every == 0 and n < trainer.total_steps and (run.world.is_main or is_sharded(run.model))):
         return {}
-    return {"eval_loss": mean_loss(run.model, run.data.eval.examples, run.tokenizer.pad_token_id, run.world.device)}
+    loss = mean_loss(run.model, run.data.eval.examples, run.tokenizer.pad_token_id, run.world.device)
+    return {"eval_loss": loss} if run.world.is_main else {}
 
 
 def maybe_checkpoint(run: Run, trainer: Trainer, step: int, loss: float) -> None:
@@ -283,9 +314,10 @@ def maybe_checkpoint(run: Run, trainer: Trainer, step: int, loss: float) -> None
     n, every = step + 1, run.cfg.save_every
     if not (every and n % every == 0 and n < trainer.total_steps):
         return
-    if run.world.is_main:
-        save_checkpoint(run.ckpt_dir, n, run.model, lambda d: save_run_adapter(trainer.methods, run.model, d),
-                        trainer.optimizer, trainer.scheduler, {"loss": loss})
+    with full_trainable(run.model, trainer.optimizer):
+        if run.world.is_main:
+            save_checkpoint(run.ckpt_dir, n, run.model, lambda d: save_run_adapter(trainer.methods, run.model, d),
+                            trainer.optimizer, trainer.scheduler, {"loss": loss})
     run.world.barrier()
 
 
@@ -308,11 +340,13 @@ def finish(run: Run, trainer: Trainer, before: EvalResult | None, tokens_per_s: 
     """Rank 0 restores the guard's choice, writes the adapter, measures the model after training and writes
     the report; returns its summary."""
     result: dict = {}
+    guard_note = trainer.guard.restore(lambda s: load_trainable_state(run.model, s)) if trainer.guard else None
+    with full_trainable(run.model):
+        if run.world.is_main:
+            with atomic_directory(run.out / "adapter") as tmp:
+                save_run_adapter(trainer.methods, run.model, tmp)
+    after = measure(run)
     if run.world.is_main:
-        guard_note = trainer.guard.restore(lambda s: load_trainable_state(run.model, s)) if trainer.guard else None
-        with atomic_directory(run.out / "adapter") as tmp:
-            save_run_adapter(trainer.methods, run.model, tmp)
-        after = measure(run)
         run.trackers.log_metrics(eval_metrics(after.to_dict(), "after"), step=trainer.total_steps)
         result = write_run_report(
             run.out, run.cfg, before=before, after=after, counts=trainer.counts, steps=trainer.total_steps,
@@ -342,10 +376,12 @@ def train(cfg: TrainConfig) -> dict:
     try:
         run = setup_run(cfg, world, started)
         trackers = run.trackers
+        # a model loaded lean exists only once sharded: it is measured then (LoRA starts at B = 0: the base)
+        trainer = build_trainer(run) if run.weights_dir else None
         before = measure(run)
         if before is not None:
             trackers.log_metrics(eval_metrics(before.to_dict(), "before"), step=0)
-        trainer = build_trainer(run)
+        trainer = trainer or build_trainer(run)
         start_step = resume(run, trainer)
         if cfg.max_forgetting > 0 and world.is_main:
             trainer.guard = ForgettingGuard(cfg.max_forgetting, before.probe_perplexity)

@@ -68,7 +68,9 @@ def _head_supports_fusion(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     special = any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
     head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
-    return (hasattr(model, "base_model") and isinstance(head, nn.Linear) and head.bias is None and not special)
+    # A sharded (FSDP) model gathers its weights in hooks that run only when the model itself is called.
+    sharded = type(model).__name__.startswith("FSDP")
+    return (not sharded and hasattr(model, "base_model") and isinstance(head, nn.Linear) and head.bias is None and not special)
 
 
 def loss_sum(

@@ -80,6 +80,7 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     source: str
+    directory: Path | None = None   # the HF directory the weights are read from (converted cache for GGUF)
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,7 @@ def load_model(
     padding_side: Literal["left", "right"] = "right",
     fast_cpu_attention: bool = True,
     trust_remote_code: bool = False,
+    empty: bool = False,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from the embedded default, a GGUF file or an HF dir.
 
@@ -200,6 +202,8 @@ def load_model(
         fast_cpu_attention: switch an "sdpa" model to lorakit's attention (`lorakit.attention`), which
             runs bf16/fp16 training steps on CPU on the GEMM kernels and is "sdpa" everywhere else.
         trust_remote_code: run model code shipped with the model (its config's ``auto_map``); off unless asked.
+        empty: build the model with its parameters on the meta device (no storage, nothing read; buffers are
+            real) and leave it there: for `lorakit.training.sharded_loading`, which reads each shard later.
 
     Returns:
         The model, the tokenizer, and the source to record in adapter configs.
@@ -219,16 +223,17 @@ def load_model(
         raise LorakitError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
 
     model_dir = _ensure_converted(resolved.path) if resolved.kind == "gguf" else resolved.path
-    model, tokenizer = _load_hf_directory(model_dir, dtype or torch.float32, resolved.source, trust_remote_code)
+    model, tokenizer = _load_hf_directory(model_dir, dtype or torch.float32, resolved.source, trust_remote_code, empty)
     _ensure_pad_token(model, tokenizer)
     if fast_cpu_attention:
         from lorakit.training.attention import use_fast_cpu_attention
 
         use_fast_cpu_attention(model, measure=target.type == "cpu")
     tokenizer.padding_side = padding_side
-    model.to(target)
+    if not empty:
+        model.to(target)
     model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, source=resolved.source)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=resolved.source, directory=model_dir)
 
 
 def model_config_dict(spec: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -342,14 +347,21 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
 
 
 def _load_hf_directory(
-    directory: Path, dtype: torch.dtype, source: str, trust_remote_code: bool = False
+    directory: Path, dtype: torch.dtype, source: str, trust_remote_code: bool = False, empty: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load model (in `dtype`) and tokenizer from a local HF directory, offline."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load model (in `dtype`; parameters on the meta device if `empty`) and tokenizer from a local HF directory, offline."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     where = {"local_files_only": True, "trust_remote_code": trust_remote_code}
     with _load_errors(source):
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **where)
+        if empty:
+            from accelerate import init_empty_weights
+
+            with init_empty_weights(include_buffers=False):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory, **where), dtype=dtype,
+                                                         trust_remote_code=trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **where)
         tokenizer = AutoTokenizer.from_pretrained(directory, **where)
     return model, tokenizer
 

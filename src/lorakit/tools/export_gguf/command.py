@@ -7,6 +7,7 @@ from typing import Literal
 
 from lorakit.core.errors import LorakitError
 from lorakit.tools.export_gguf.encode import OutType
+from lorakit.training.config import TrainConfig
 
 
 @dataclass
@@ -98,6 +99,22 @@ def export_gguf(source: str | Path, output: str | Path, merged: bool = False, ou
         atomic_write_text(tmp / "Modelfile", text)
     output = Path(output)
     return ExportResult(output / name, output / "Modelfile", base)
+
+
+def train_then_export(cfg: TrainConfig) -> dict:
+    """`lorakit train`: train, then with --export gguf[-merged] write <output>/gguf/ (the main process only).
+
+    Returns:
+        The run's summary (see lorakit.training.loop.train).
+    """
+    from lorakit.training.loop import train
+
+    summary = train(cfg)
+    if cfg.export != "none" and summary:  # the other processes of a distributed run get {}
+        result = export_gguf(cfg.output, Path(cfg.output) / "gguf", merged=cfg.export == "gguf-merged",
+                             model=cfg.model)
+        print(f"exported {result.gguf_file} and {result.modelfile}")
+    return summary
 
 
 def run_export(cfg: ExportConfig) -> ExportResult:

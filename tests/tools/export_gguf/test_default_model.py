@@ -60,6 +60,6 @@ def test_merged_f32_agrees_tightly_and_reads_back(default_adapter, tmp_path):
         for ids in prompts:
             theirs, ours = llama_cpp_logits(llm, ids), lorakit_logits(merged, ids)
             print(f"merged f32: max |diff| {np.abs(theirs - ours).max():.2e}")
-            assert np.abs(theirs - ours).max() < 0.05 and (theirs.argmax(-1) == ours.argmax(-1)).all()
+            assert np.abs(theirs - ours).max() < 1e-3 and (theirs.argmax(-1) == ours.argmax(-1)).all()  # measured 7e-5
     back = AutoModelForCausalLM.from_pretrained(str(result.gguf_file.parent), gguf_file=result.gguf_file.name).eval()
     assert np.abs(lorakit_logits(back, prompts[0]) - lorakit_logits(merged, prompts[0])).max() < 1e-4

@@ -14,6 +14,7 @@ from lorakit.tools.bench import (
 )
 from lorakit.tools.bench_serve import BenchServeConfig, bench_serve
 from lorakit.tools.compress import CompressConfig, run_compress
+from lorakit.tools.export_gguf.command import ExportConfig, run_export, train_then_export
 from lorakit.tools.generate import GenerateConfig, run_chat, run_generate
 from lorakit.tools.info import InfoConfig, run_info
 from lorakit.tools.merge_model import MergeConfig, run_merge
@@ -22,15 +23,16 @@ from lorakit.tools.rank import RankConfig, run_rank
 from lorakit.tools.sweep import SweepConfig, run_sweep
 from lorakit.training.config import TrainConfig
 from lorakit.training.evaluate import EvalConfig, run_eval
-from lorakit.training.loop import train
 
 # name -> (config class, function, positional fields, one-line help)
 COMMANDS: dict[str, tuple[type, Callable, tuple[str, ...], str]] = {
-    "train": (TrainConfig, train, (), "Fine-tune a model with LoRA (default: the embedded model on the built-in task)."),
+    "train": (TrainConfig, train_then_export, (), "Fine-tune a model with LoRA (default: the embedded model on the built-in task)."),
     "eval": (EvalConfig, run_eval, (), "Loss, perplexity and exact match of a base model or base + adapter."),
     "generate": (GenerateConfig, run_generate, (), "Generate a reply."),
     "chat": (GenerateConfig, run_chat, (), "Chat interactively."),
     "merge": (MergeConfig, run_merge, (), "Fold an adapter into its base and save a transformers model."),
+    "export": (ExportConfig, run_export, ("source",),
+               "Write an adapter (or, with --merged, the whole model) as GGUF for llama.cpp and Ollama."),
     "info": (InfoConfig, run_info, ("adapter",), "Describe an adapter directory."),
     "plan": (PlanConfig, run_plan, ("model_or_config",),
              "Parameters, adapter size and training memory of full / LoRA / QLoRA, without loading the model."),

@@ -131,6 +131,8 @@ class TrainConfig:
     """Forgetting guard: keep the best adapter whose forgetting-probe perplexity rose at most this many percent (0: off)."""
     probe_every: int = 0
     """Forgetting guard: probe every N steps (0: ten times per run)."""
+    export: Literal["none", "gguf", "gguf-merged"] = "none"
+    """At the end, write <output>/gguf/ for llama.cpp and Ollama (f16, with a Modelfile): gguf, a LoRA adapter file (--method lora or pissa); gguf-merged, the whole model (any method)."""
     adalora: AdaLoraOptions = field(default_factory=AdaLoraOptions)
     """AdaLoRA's rank schedule."""
 
@@ -158,6 +160,9 @@ class TrainConfig:
         if self.max_samples < 0:
             raise LorakitError(f"--max-samples must be 0 (all) or positive, got {self.max_samples}.")
         self.check_shard()
+        if self.export == "gguf" and self.method not in ("lora", "pissa"):
+            raise LorakitError(f"--export gguf writes a llama.cpp LoRA adapter, which cannot hold --method {self.method}; "
+                               f"use --export gguf-merged (the whole fine-tuned model as one GGUF file).")
         make_methods(self)  # unknown method names and invalid method options fail now, before the model loads
 
     def check_shard(self) -> None:

@@ -267,6 +267,16 @@ def model_config_dict(spec: str | os.PathLike | None = None) -> dict[str, Any]:
     return config.to_dict()
 
 
+def model_file(spec: str | os.PathLike | None = None) -> tuple[Literal["gguf", "hf"], Path]:
+    """Where a model spec points: ("gguf", the .gguf file) or ("hf", the model directory).
+
+    Raises:
+        LorakitError: If the spec is none of the accepted forms (see `load_model`).
+    """
+    resolved = _resolve(spec)
+    return resolved.kind, resolved.path
+
+
 def _resolve(spec: str | os.PathLike | None) -> _Spec:
     """Check that `spec` is one of the accepted forms and say which."""
     if spec is None or spec == DEFAULT_SPEC:

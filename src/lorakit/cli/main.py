@@ -6,6 +6,8 @@ import sys
 from typing import Callable
 
 from lorakit.core.errors import LorakitError
+from lorakit.serve.http.config import ServeConfig
+from lorakit.serve.http.server import run_serve
 from lorakit.tools.bench import (
     BenchInferConfig,
     BenchTrainConfig,
@@ -37,6 +39,7 @@ COMMANDS: dict[str, tuple[type, Callable, tuple[str, ...], str]] = {
     "bench train": (BenchTrainConfig, bench_train, (), "Training step speed and memory: floor, lorakit, peft, full."),
     "bench infer": (BenchInferConfig, bench_infer, (), "Generation speed: base, unmerged adapter, merged."),
     "bench serve": (BenchServeConfig, bench_serve, (), "Many adapters in one batch: the serving engine vs base, swap, PEFT; batch-1 decoding vs its limits."),
+    "serve": (ServeConfig, run_serve, (), "An OpenAI-compatible HTTP server for the base and many adapters (playground page at /)."),
     "rank": (RankConfig, run_rank, ("adapter",), "Singular values and effective rank of each module's update; suggested rank_pattern."),
     "compress": (CompressConfig, run_compress, ("adapter",), "Cut an adapter's per-module rank by SVD (--rank N or --energy X)."),
     "sweep": (SweepConfig, run_sweep, (), "Train at several --ranks (or --methods) and compare quality, size, speed, memory."),

@@ -6,7 +6,9 @@ On SIGTERM uvicorn stops accepting connections and lets the requests in flight f
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 import threading
 import time
@@ -80,11 +82,27 @@ def run_serve(cfg: ServeConfig) -> None:
         config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=cfg.shutdown_timeout, lifespan="off")
         server = uvicorn.Server(config)
+        server.capture_signals = lambda: _graceful_signals(server)
         _announce(server, cfg, app.state.lorakit)
         server.run()
     finally:
         engine.stop(drain_timeout=0)
     print("lorakit serve: stopped", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _graceful_signals(server):
+    """SIGTERM/SIGINT start uvicorn's graceful shutdown; unlike uvicorn's own handling, the signal is not
+    raised again afterwards, so the engine is stopped and the process exits 0 once the drain is done."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _announce(server, cfg: ServeConfig, state) -> None:

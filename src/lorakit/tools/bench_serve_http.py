@@ -153,8 +153,8 @@ class BenchServeLoadConfig:
     """Model served (default: a tiny random 2-layer Llama with SmolLM2's tokenizer, built in a scratch directory)."""
     clients: int = 200
     """Concurrent streaming clients."""
-    requests_per_client: int = 2
-    """Requests each client sends, one after the other (the run is bounded by clients x this)."""
+    rounds: int = 3
+    """Bursts of `clients` concurrent requests, one after the other (the server's RSS is read after each)."""
     adapters: int = 8
     """Adapters the requests are spread over (rank 8, all projections)."""
     max_tokens: int = 32
@@ -191,7 +191,7 @@ def load_run(cfg: BenchServeLoadConfig, tmp: Path) -> dict:
 
     model = cfg.model or tiny_model(tmp / "tiny")
     loaded = load_model(model, device="cpu", fast_cpu_attention=False)
-    workload_cfg = BenchServeConfig(requests=cfg.clients * cfg.requests_per_client, min_prompt_tokens=8,
+    workload_cfg = BenchServeConfig(requests=cfg.clients * cfg.rounds, min_prompt_tokens=8,
                                     max_prompt_tokens=64, adapters=cfg.adapters, seed=cfg.seed)
     workload = make_workload(workload_cfg, loaded.tokenizer, cfg.adapters)
     paths = write_adapters(loaded.model, tmp, workload_cfg, cfg.adapters)
@@ -203,16 +203,18 @@ def load_run(cfg: BenchServeLoadConfig, tmp: Path) -> dict:
     bodies = [{"model": f"adapter{a}", "prompt": p, "max_tokens": cfg.max_tokens, "temperature": 0.7, "seed": k,
                "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
               for k, (p, a) in enumerate(zip(workload.prompts, workload.adapter_of))]
+    results, rss = [], []
     with ServerProcess(args) as server:
         asyncio.run(closed_loop(server.url, bodies[:4], 4))  # warm
         before = server.memory()["rss"]
         start = time.perf_counter()
-        results = asyncio.run(closed_loop(server.url, bodies, cfg.clients))
+        for k in range(cfg.rounds):  # a burst of `clients` at once, then the next when all have finished
+            results += asyncio.run(closed_loop(server.url, bodies[k * cfg.clients:(k + 1) * cfg.clients], cfg.clients))
+            rss.append(server.memory()["rss"])
         summary = summarize(results, time.perf_counter() - start)
-        time.sleep(1.0)  # let the server settle before reading its resident set
         memory = server.memory()
     return {**summary, "clients": cfg.clients, "adapters": cfg.adapters, "rss_before_bytes": before,
-            "rss_after_bytes": memory["rss"], "peak_rss_bytes": memory["peak"]}
+            "rss_after_rounds_bytes": rss, "rss_after_bytes": memory["rss"], "peak_rss_bytes": memory["peak"]}
 
 
 def bench_serve_load(cfg: BenchServeLoadConfig) -> dict:
@@ -223,12 +225,13 @@ def bench_serve_load(cfg: BenchServeLoadConfig) -> dict:
         print(json.dumps(out, indent=2))
         return out
     ms = lambda key, q: "-" if out[key][q] is None else f"{out[key][q] * 1000:.0f}"
-    print(f"{out['requests']} streamed requests from {cfg.clients} concurrent clients over {cfg.adapters} adapters "
+    print(f"{out['requests']} streamed requests in {cfg.rounds} bursts of {cfg.clients} concurrent clients over {cfg.adapters} adapters "
           f"({cfg.max_tokens} tokens each) in {out['seconds']:.1f} s")
     print(f"failed: {out['failed']}   5xx: {out['status_5xx']}   429: {out['status_429']}   "
           f"output tokens/s: {out['tokens_per_s']:.0f}   TTFT p50/p95: {ms('ttft_s', 'p50')}/{ms('ttft_s', 'p95')} ms")
-    print(f"server RSS: {out['rss_before_bytes'] / 2**20:.0f} MiB before, peak {out['peak_rss_bytes'] / 2**20:.0f} MiB, "
-          f"{out['rss_after_bytes'] / 2**20:.0f} MiB after")
+    rounds = ", ".join(f"{b / 2**20:.0f}" for b in out["rss_after_rounds_bytes"])
+    print(f"server RSS: {out['rss_before_bytes'] / 2**20:.0f} MiB before, {rounds} MiB after each burst, "
+          f"peak {out['peak_rss_bytes'] / 2**20:.0f} MiB")
     for error in out["errors"]:
         print(f"error: {error}")
     return out

@@ -9,6 +9,7 @@ rows are freed at the engine's next step), whether or not its response had start
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,8 @@ class ServerState:
     drain_timeout_s: float = 30.0
     adapter_sources: dict[str, str] = field(default_factory=dict)
     draining: set[str] = field(default_factory=set)
+    # one tokenization at a time: a Rust tokenizer called from several threads can fail with "Already borrowed"
+    tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def adapter_for(self, model: str) -> str | None:
         """The adapter that `model` names (None: the base).
@@ -97,7 +100,8 @@ def prepare(state: ServerState, body: Any, prompts: list, kind: str) -> Prepared
     requests, prompt_of = [], []
     for p, prompt in enumerate(prompts):
         try:
-            ids = engine.prompt_ids(prompt)
+            with state.tokenizer_lock:
+                ids = engine.prompt_ids(prompt)
         except LorakitError as e:
             raise APIError(400, str(e), param, "invalid_prompt") from None
         max_tokens = asked or (DEFAULT_COMPLETION_TOKENS if kind == "completion" else limit - len(ids))

@@ -2,10 +2,13 @@
 headless Chromium (Debian's `chromium`, driven by playwright), one prompt sent to the base and the adapter.
 
     python benchmarks/serve_playground_screenshot.py --adapter runs/demo/adapter --out docs/serve-playground.png
+    python benchmarks/serve_playground_screenshot.py     # without --adapter: a random rank-8 adapter (B != 0)
 """
 from __future__ import annotations
 
 import argparse
+import tempfile
+from pathlib import Path
 
 from lorakit.serve import Engine, EngineConfig
 from lorakit.serve.http.config import ServeConfig
@@ -17,14 +20,20 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--adapter", required=True)
-    parser.add_argument("--name", default="orders")
+    parser.add_argument("--adapter", default=None)
+    parser.add_argument("--name", default=None)
     parser.add_argument("--prompt", default="Sarah Wang wants 12 yellow benches delivered to Tokyo before November 7.")
     parser.add_argument("--out", default="docs/serve-playground.png")
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
     engine = Engine.from_pretrained("default", EngineConfig(max_batch_size=4, max_seq_len=512))
+    if args.adapter is None:  # a random rank-8 adapter on all 7 projections, as `lorakit bench serve` writes them
+        from lorakit.tools.serve_workload import BenchServeConfig, write_adapters
+
+        args.adapter = write_adapters(engine.model, Path(tempfile.mkdtemp()), BenchServeConfig(), 1)[0]
+        args.name = args.name or "random-r8"
+    args.name = args.name or "orders"
     engine.load_adapter(args.name, args.adapter)
     engine.start()
     with BackgroundServer(build_app(engine, ServeConfig())) as server, sync_playwright() as p:

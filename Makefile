@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 DEMO   ?= runs/demo
 
-.PHONY: setup setup-dev demo test bench clean
+.PHONY: setup setup-dev setup-browser demo test bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -27,12 +27,18 @@ $(VENV)/.setup-dev: pyproject.toml $(VENV)/.setup
 setup: $(VENV)/.setup
 setup-dev: $(VENV)/.setup-dev
 
+# Headless Chromium for the `lorakit serve` playground test (Debian's package; needs root). Where it cannot
+# be installed, that one test is skipped and says why.
+setup-browser:
+	@command -v chromium >/dev/null 2>&1 || { (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq chromium >/dev/null) || echo "setup-browser: could not install chromium; the playground test will be skipped"; }
+
 ## The demo: fine-tune the embedded SmolLM2-135M-Instruct on the built-in task, print before/after.
 demo: setup
 	$(VENV)/bin/lorakit train --output $(DEMO)
 
 ## The test suite (CPU only, no downloads).
-test: setup-dev
+test: setup-dev setup-browser
 	$(PY) -m pytest
 
 bench: setup-dev

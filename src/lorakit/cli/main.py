@@ -6,6 +6,8 @@ import sys
 from typing import Callable
 
 from lorakit.core.errors import LorakitError
+from lorakit.serve.http.config import ServeConfig
+from lorakit.serve.http.server import run_serve
 from lorakit.tools.bench import (
     BenchInferConfig,
     BenchTrainConfig,
@@ -13,6 +15,7 @@ from lorakit.tools.bench import (
     bench_train,
 )
 from lorakit.tools.bench_serve import BenchServeConfig, bench_serve
+from lorakit.tools.bench_serve_http import BenchServeLoadConfig, bench_serve_load
 from lorakit.tools.compress import CompressConfig, run_compress
 from lorakit.tools.export_gguf.command import ExportConfig, run_export, train_then_export
 from lorakit.tools.generate import GenerateConfig, run_chat, run_generate
@@ -39,6 +42,8 @@ COMMANDS: dict[str, tuple[type, Callable, tuple[str, ...], str]] = {
     "bench train": (BenchTrainConfig, bench_train, (), "Training step speed and memory: floor, lorakit, peft, full."),
     "bench infer": (BenchInferConfig, bench_infer, (), "Generation speed: base, unmerged adapter, merged."),
     "bench serve": (BenchServeConfig, bench_serve, (), "Many adapters in one batch: the serving engine vs base, swap, PEFT; batch-1 decoding vs its limits."),
+    "bench serve-load": (BenchServeLoadConfig, bench_serve_load, (), "Many concurrent streaming clients against `lorakit serve`: failures, 5xx, memory."),
+    "serve": (ServeConfig, run_serve, (), "An OpenAI-compatible HTTP server for the base and many adapters (playground page at /)."),
     "rank": (RankConfig, run_rank, ("adapter",), "Singular values and effective rank of each module's update; suggested rank_pattern."),
     "compress": (CompressConfig, run_compress, ("adapter",), "Cut an adapter's per-module rank by SVD (--rank N or --energy X)."),
     "sweep": (SweepConfig, run_sweep, (), "Train at several --ranks (or --methods) and compare quality, size, speed, memory."),

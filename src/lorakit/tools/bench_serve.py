@@ -32,6 +32,7 @@ from lorakit.tools.serve_workload import CONFIGS, BenchServeConfig
 def run_config(name: str, cfg: BenchServeConfig) -> dict:
     """Run configuration `name` in this process; returns its measurements (or {"skipped": reason})."""
     from lorakit.tools import bench_serve_runs as runs
+    from lorakit.tools.bench_serve_http import run_http
     from lorakit.training.models import default_device
 
     device = torch.device(cfg.device) if cfg.device else default_device()
@@ -40,7 +41,7 @@ def run_config(name: str, cfg: BenchServeConfig) -> dict:
     table = {"base": runs.run_engine, "mixed": runs.run_engine, "swap": runs.run_engine, "peft": runs.run_peft,
              "decode-base": runs.run_decode, "decode-unmerged": runs.run_decode, "decode-merged": runs.run_decode,
              "decode-generate": runs.run_generate_decode, "bandwidth": runs.run_bandwidth,
-             "llama.cpp": runs.run_llama_cpp, "agreement": runs.run_agreement}
+             "llama.cpp": runs.run_llama_cpp, "agreement": runs.run_agreement, "http": run_http}
     if kind not in table:
         raise LorakitError(f"unknown bench serve configuration {name!r}: use {', '.join(CONFIGS)}, mixed:N or agreement.")
     with tempfile.TemporaryDirectory(prefix="lorakit-bench-serve-") as tmp:
@@ -88,15 +89,21 @@ def bench_serve(cfg: BenchServeConfig) -> dict:
     Returns:
         {"workload": ..., "configs": {name: measurements}}.
     """
-    results = {name: run_in_subprocess("lorakit.tools.bench_serve", name, cfg, "bench serve") for name in cfg.configs}
+    names = ["mixed", "http"] if cfg.http else cfg.configs
+    results = {name: run_in_subprocess("lorakit.tools.bench_serve", name, cfg, "bench serve") for name in names}
     out = {"model": cfg.model or "default", "workload": {k: v for k, v in asdict(cfg).items() if k not in ("json", "configs")},
            "torch": torch.__version__, "configs": results}
     if cfg.json:
         print(json.dumps(out, indent=2))
     else:
         print(serve_table(results))
-        print()
-        print(decode_table(results))
+        if "http" in results and "mixed" in results:
+            h = results["http"]
+            print(f"\nhttp / mixed (the engine's own): {h['tokens_per_s'] / results['mixed']['tokens_per_s']:.2f}x; "
+                  f"over HTTP: {h['failed']} failed requests, {h['status_5xx']} 5xx")
+        if any("ttft_s" not in r and name != "agreement" for name, r in results.items()):
+            print()
+            print(decode_table(results))
         if "agreement" in results:
             a = results["agreement"]
             print(f"\nagreement ({a['dtype']}): {a['identical_requests']}/{a['requests']} requests token-identical to "

@@ -56,6 +56,9 @@ class BenchServeConfig:
     """Seed of the workload and the adapters."""
     device: str | None = None
     """cpu, cuda ...; default: cuda if available."""
+    http: bool = False
+    """Measure the workload over HTTP instead: `lorakit serve` in its own process, `concurrency` streaming clients
+    on loopback (the http row), beside the engine's own mixed row."""
     json: bool = False
     """Print a JSON object instead of tables."""
 

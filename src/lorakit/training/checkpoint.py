@@ -68,6 +68,8 @@ def save_checkpoint(
     optim_tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         optim_tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    for stale in directory.glob(".step-*"):  # a write a kill interrupted (the run's lock keeps others out)
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         with atomic_directory(target) as tmp:
             save_adapter(tmp / "adapter")

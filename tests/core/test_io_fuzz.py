@@ -7,67 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_lora, tiny_llama
-from fuzzing import Sample, lying_safetensors, mutated_bytes, mutated_json_object
+from conftest import tiny_llama
+from fuzzing import ADAPTER_DIRS, VALID_CONFIG, VALID_WEIGHTS
 from hypothesis import given
-from hypothesis import strategies as st
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 import lorakit
 from lorakit.core.config import LoraConfig
 from lorakit.core.io import CONFIG_NAME, WEIGHTS_NAME
-
-CONFIG_FIELDS = [f for f in LoraConfig.__dataclass_fields__] + ["peft_type", "revision", "loftq_config"]
-
-
-def valid_adapter() -> tuple[bytes, bytes]:
-    """(adapter_config.json, adapter_model.safetensors) of a small LoRA with rank and alpha patterns, B != 0."""
-    model = tiny_llama()
-    lorakit.apply(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"],
-                                    rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 16}))
-    randomize_lora(model)
-    with tempfile.TemporaryDirectory() as d:
-        lorakit.save_adapter(model, d)
-        return (Sample((Path(d) / CONFIG_NAME).read_bytes(), CONFIG_NAME),
-                Sample((Path(d) / WEIGHTS_NAME).read_bytes(), WEIGHTS_NAME))
-
-
-VALID_CONFIG, VALID_WEIGHTS = valid_adapter()
-
-
-@st.composite
-def mutated_tensors(draw) -> bytes:
-    """The adapter's tensors re-saved with NaN/Inf, another shape or dtype, a tensor missing or added."""
-    tensors = dict(load_bytes(VALID_WEIGHTS))
-    name = draw(st.sampled_from(sorted(tensors)))
-    kind = draw(st.sampled_from(["nan", "inf", "shape", "dtype", "drop", "extra"]))
-    t = tensors[name]
-    if kind in ("nan", "inf"):
-        t = t.clone()
-        t.view(-1)[draw(st.integers(0, t.numel() - 1))] = float(kind)
-    elif kind == "shape":
-        t = torch.zeros(draw(st.lists(st.integers(0, 40), min_size=0, max_size=3)))
-    elif kind == "dtype":
-        t = t.to(draw(st.sampled_from([torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int8,
-                                       torch.bool, torch.uint8])))
-    elif kind == "drop":
-        del tensors[name]
-    else:
-        tensors[name + draw(st.sampled_from([".x", "_extra"]))] = t.clone()
-    if kind != "drop":
-        tensors[name] = t
-    return save_bytes(tensors)
-
-
-ADAPTER_DIRS = st.one_of(
-    st.tuples(mutated_json_object(__import__("json").loads(VALID_CONFIG), CONFIG_FIELDS), st.just(VALID_WEIGHTS)),
-    st.tuples(mutated_bytes(VALID_CONFIG), st.just(VALID_WEIGHTS)),
-    st.tuples(st.just(VALID_CONFIG), mutated_bytes(VALID_WEIGHTS)),
-    st.tuples(st.just(VALID_CONFIG), lying_safetensors(VALID_WEIGHTS)),
-    st.tuples(st.just(VALID_CONFIG), mutated_tensors()),
-)
-
 
 def load_or_refuse(config: bytes, weights: bytes) -> None:
     """Load the adapter; on LorakitError the model must be exactly as before."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -132,9 +133,14 @@ def resumable_checkpoint(directory: Path) -> tuple[Path | None, list[str]]:
     deleted), the older ones are tried newest first, so a run never resumes from garbage.
     """
     pointer = directory / "latest"
-    named = directory / pointer.read_text(errors="replace").strip() if pointer.is_file() else None
+    named, notes = None, []
+    if pointer.is_file():
+        name = pointer.read_text(errors="replace").strip()
+        if re.fullmatch(r"step-\d{1,20}", name):
+            named = directory / name
+        else:
+            notes.append(f"{pointer} is corrupt (it names {name[:40]!r}); looking for checkpoints by name.")
     older = sorted((p for p in directory.glob("step-*") if p.is_dir() and p != named), reverse=True)
-    notes: list[str] = []
     for path in ([named] if named is not None else []) + older:
         problem = checkpoint_problem(path)
         if problem is None:
@@ -173,15 +179,27 @@ def load_checkpoint(
     except Exception as e:
         raise LorakitError(f"checkpoint {path} is unreadable ({e}); delete it to resume from the previous one.") from e
     params = _trainable(model)
-    if saved.keys() != params.keys() or any(saved[k].shape != params[k].shape for k in saved):
+    if not isinstance(meta, dict) or saved.keys() != params.keys() or any(
+            saved[k].shape != params[k].shape for k in saved):
         raise LorakitError(
-            f"checkpoint {path} was written for other trainable parameters (different method, rank or targets); "
-            "resume with the settings of that run, or use a new --output."
+            f"checkpoint {path} was written for other trainable parameters (different method, rank or targets) or "
+            "is corrupt; resume with the settings of that run, or use a new --output."
         )
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(saved[name])
 
+    try:  # a checkpoint whose JSON was edited (or whose checksums were rewritten) may hold any shape of data
+        restore_trainer_state(meta, tensors, optimizer, scheduler)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+        raise LorakitError(f"checkpoint {path} holds an inconsistent trainer state ({type(e).__name__}: {e}); "
+                           "delete it to resume from the previous one.") from e
+    return meta
+
+
+def restore_trainer_state(meta: dict[str, Any], tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                          scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """Optimizer moments, scheduler and RNG from a checkpoint's JSON and tensors (as `save_checkpoint` splits them)."""
     state = optimizer.state_dict()
     new_state: dict[int, dict[str, Any]] = {}
     for key, value in meta["optimizer"]["scalars"].items():
@@ -198,4 +216,3 @@ def load_checkpoint(
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return meta

@@ -60,7 +60,10 @@ def load_records(path: str | Path, format: str | None = None) -> tuple[list[dict
         )
     if not path.is_file():
         raise LorakitError(f"{path}: data file not found; check the path.")
-    text = path.read_text(encoding="utf-8-sig")  # utf-8-sig drops a BOM left by spreadsheet exports
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # utf-8-sig drops a BOM left by spreadsheet exports
+    except UnicodeDecodeError as e:
+        raise LorakitError(f"{path}: byte {e.start} is not UTF-8 ({e.reason}); save the file as UTF-8.") from None
 
     if suffix == ".txt":
         if format not in (None, "text"):
@@ -108,9 +111,10 @@ def _jsonl_rows(text: str, path: Path) -> Iterator[tuple[int, dict]]:
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:
             raise LorakitError(
-                f"{path}:{number}: invalid JSON ({e.msg}); each line must be one JSON object."
+                f"{path}:{number}: invalid JSON ({getattr(e, 'msg', 'nested too deeply')}); each line must be one "
+                "JSON object."
             ) from None
         if not isinstance(row, dict):
             raise LorakitError(
@@ -142,9 +146,9 @@ def _csv_rows(text: str, path: Path) -> Iterator[tuple[int, dict]]:
         if isinstance(row.get("messages"), str):
             try:
                 row["messages"] = json.loads(row["messages"])
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, RecursionError) as e:
                 raise LorakitError(
-                    f"{path}:{start}: the 'messages' cell is not valid JSON ({e.msg}); "
+                    f"{path}:{start}: the 'messages' cell is not valid JSON ({getattr(e, 'msg', 'nested too deeply')}); "
                     'it must hold a JSON list like [{"role": "user", "content": "..."}].'
                 ) from None
         yield start, row

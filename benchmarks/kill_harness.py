@@ -128,6 +128,7 @@ def kill_trials(kills: int, seed: int, steps: int, workdir: Path) -> dict:
         assert code == -signal.SIGKILL, f"the run failed by itself (exit {code}):\n{err}"
         counts["kills"] += 1
         counts["mid_write"] += mid_write_leftovers(out) > 0
+        print(f"kill {counts['kills']}/{kills} after {delay:.1f} s: {counts}", file=sys.stderr, flush=True)
     code, _, err = run(train_command(model, data, out, steps, resume=True))
     assert code == 0, f"--resume after the last kill failed (exit {code}):\n{err}"
     finished_identical()

@@ -87,6 +87,22 @@ def run(cmd: list[str], kill_after: float | None = None) -> tuple[int, float, st
     return proc.returncode, time.perf_counter() - start, err.decode(errors="replace")
 
 
+def run_until_writing(cmd: list[str], out: Path, extra_delay: float) -> tuple[int, bool]:
+    """Run `cmd` and SIGKILL it `extra_delay` seconds after a checkpoint write is seen under way (its temporary
+    directory exists). Returns (exit code, whether a write was caught)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    ckpts = out / "checkpoints"
+    while proc.poll() is None:
+        if ckpts.is_dir() and any(ckpts.glob(".step-*")):
+            time.sleep(extra_delay)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return proc.returncode, True
+        time.sleep(0.001)
+    return proc.returncode, False
+
+
 def adapter(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "adapter" / "adapter_model.safetensors"))
 
@@ -98,7 +114,7 @@ def mid_write_leftovers(out: Path) -> int:
     return len(found + list(out.glob(".adapter.*")))
 
 
-def kill_trials(kills: int, seed: int, steps: int, workdir: Path) -> dict:
+def kill_trials(kills: int, seed: int, steps: int, workdir: Path, in_write: int = 0) -> dict:
     """The harness: returns the counts it prints."""
     model, data = make_tiny_model(workdir / "model"), make_data(workdir / "train.jsonl")
     reference = workdir / "reference"
@@ -109,7 +125,7 @@ def kill_trials(kills: int, seed: int, steps: int, workdir: Path) -> dict:
     assert code == 0, err
     rng = random.Random(seed)
     out = workdir / "killed"
-    counts = {"kills": 0, "mid_write": 0, "finished": 0, "identical": 0}
+    counts = {"kills": 0, "mid_write": 0, "in_write_targeted": 0, "finished": 0, "identical": 0}
     reference_tensors = adapter(reference)
 
     def finished_identical() -> None:  # a trajectory reached its end: compare it, then start another
@@ -119,16 +135,22 @@ def kill_trials(kills: int, seed: int, steps: int, workdir: Path) -> dict:
             torch.equal(reference_tensors[k], b[k]) for k in b)
         shutil.rmtree(out)
 
-    while counts["kills"] < kills:
-        delay = rng.uniform(startup_s * 0.9, full_s * 1.05)
-        code, _, err = run(train_command(model, data, out, steps, resume=True), kill_after=delay)
+    while counts["kills"] < kills + in_write:
+        if counts["kills"] >= kills:  # the targeted kills: inside a checkpoint write, seen by its temporary directory
+            code, caught = run_until_writing(train_command(model, data, out, steps, resume=True), out,
+                                             rng.uniform(0, 0.005))
+            err, delay = "", 0.0
+        else:
+            delay = rng.uniform(startup_s * 0.9, full_s * 1.05)
+            code, _, err = run(train_command(model, data, out, steps, resume=True), kill_after=delay)
         if code == 0:  # it finished before the kill
             finished_identical()
             continue
         assert code == -signal.SIGKILL, f"the run failed by itself (exit {code}):\n{err}"
         counts["kills"] += 1
-        counts["mid_write"] += mid_write_leftovers(out) > 0
-        print(f"kill {counts['kills']}/{kills} after {delay:.1f} s: {counts}", file=sys.stderr, flush=True)
+        # a write was cut if its temporary directory is still there (the next run's save removes it)
+        counts["in_write_targeted" if delay == 0.0 else "mid_write"] += mid_write_leftovers(out) > 0
+        print(f"kill {counts['kills']}/{kills + in_write} after {delay:.1f} s: {counts}", file=sys.stderr, flush=True)
     code, _, err = run(train_command(model, data, out, steps, resume=True))
     assert code == 0, f"--resume after the last kill failed (exit {code}):\n{err}"
     finished_identical()
@@ -141,11 +163,14 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--in-write", type=int, default=0,
+                        help="further kills, each fired the moment a checkpoint write is seen under way")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="lorakit-kill-") as tmp:
-        counts = kill_trials(args.kills, args.seed, args.steps, Path(tmp))
+        counts = kill_trials(args.kills, args.seed, args.steps, Path(tmp), args.in_write)
     print(json.dumps(counts))
-    print(f"{counts['kills']} SIGKILLs ({counts['mid_write']} inside a checkpoint or adapter write), each followed by "
+    print(f"{counts['kills']} SIGKILLs ({counts['mid_write']} of the random ones and {counts['in_write_targeted']} targeted "
+          "ones inside a checkpoint write), each followed by "
           f"--resume; {counts['identical']} of {counts['finished']} finished runs end at an adapter bit-identical to "
           "the uninterrupted run's")
     return 0 if counts["identical"] == counts["finished"] else 1

@@ -93,8 +93,9 @@ def run_until_writing(cmd: list[str], out: Path, extra_delay: float) -> tuple[in
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     ckpts = out / "checkpoints"
+    stale = set(ckpts.glob(".step-*"))  # left by an earlier kill: not this run's write
     while proc.poll() is None:
-        if ckpts.is_dir() and any(ckpts.glob(".step-*")):
+        if ckpts.is_dir() and set(ckpts.glob(".step-*")) - stale:
             time.sleep(extra_delay)
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()

@@ -93,7 +93,7 @@ def test_inconsistent_factor_shapes_are_refused(command, config, weights, capsys
     assert code == 1 and f"lorakit {command}: error:" in err
 
 
-@pytest.mark.parametrize("command", ["bench infer", "bench train", "bench serve"])
+@pytest.mark.parametrize("command", ["bench infer", "bench train", "bench serve", "train"])
 def test_a_device_that_is_not_a_device_name_is_refused(command, capsys):  # was: RuntimeError from torch.device
     assert run_cli([*command.split(), "--device", "[None, 4778120]", "--model", "/nonexistent/model"]) == 1
     assert "is not a device name" in capsys.readouterr().err

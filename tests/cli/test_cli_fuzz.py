@@ -99,6 +99,11 @@ def test_a_device_that_is_not_a_device_name_is_refused(command, capsys):  # was:
     assert "is not a device name" in capsys.readouterr().err
 
 
+def test_a_path_the_filesystem_refuses_is_an_error(capsys):  # was: OSError file name too long (lorakit info)
+    assert run_cli(["info", "--json", "x" * 5000]) == 1
+    assert "File name too long" in capsys.readouterr().err
+
+
 def adapter_command(case_and_command) -> None:
     test_fuzz_adapter_commands.hypothesis.inner_test(*case_and_command)
 

@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 DEMO   ?= runs/demo
 
-.PHONY: setup setup-dev setup-browser demo test bench clean
+.PHONY: setup setup-dev setup-browser demo test bench fuzz faults clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -40,6 +40,15 @@ demo: setup
 ## The test suite (CPU only, no downloads).
 test: setup-dev setup-browser
 	$(PY) -m pytest
+
+## Fuzzing: at least 1,000 cases per target (the regular suite runs 25 per target, fixed seed).
+FUZZ_TESTS := tests/core/test_io_fuzz.py tests/cli/test_cli_fuzz.py tests/training/test_inputs_fuzz.py
+fuzz: setup-dev
+	LORAKIT_FUZZ=1 $(PY) -m pytest -p no:cacheprovider --hypothesis-show-statistics -k test_fuzz_ $(FUZZ_TESTS)
+
+## Faults during training: 50 SIGKILLs of `lorakit train --save-every 1`, each followed by --resume.
+faults: setup-dev
+	$(PY) benchmarks/kill_harness.py --kills 50 --seed 0 --steps 6
 
 bench: setup-dev
 	$(VENV)/bin/lorakit bench train

@@ -88,3 +88,71 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, where,
     moments = fresh_optimizer.state_dict()["state"][0]["exp_avg"]
     assert torch.equal(moments, optimizer.state_dict()["state"][0]["exp_avg"])
     assert json.loads((good / "trainer_state.json").read_text())["step"] == 2
+
+
+# ---- full disk, checksums ------------------------------------------------------------------------------
+def tmpfs_or_skip(directory, size: str):
+    import subprocess
+
+    directory.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
+                      capture_output=True).returncode != 0:
+        return None
+    return lambda: subprocess.run(["umount", "-l", str(directory)], check=False)
+
+
+def free_bytes(directory) -> int:
+    import os
+
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    """On a real 4 MiB tmpfs where the machine allows mounting, else with ENOSPC injected at the write."""
+    import errno
+
+    disk = tmp_path / "disk"
+    unmount = tmpfs_or_skip(disk, "4m")
+    try:
+        model, optimizer, scheduler = lora_run()
+        good = save(disk, 2, model, optimizer, scheduler)
+        size = sum(p.stat().st_size for p in good.rglob("*") if p.is_file())
+        filler = disk / "filler"
+        if unmount:
+            filler.write_bytes(b"\0" * max(free_bytes(disk) - size // 2, 0))
+        else:
+            original = checkpoint.Path.write_bytes
+
+            def full(self, data):
+                raise OSError(errno.ENOSPC, "No space left on device", str(self))
+            monkeypatch.setattr(checkpoint.Path, "write_bytes", full)
+        with pytest.raises(lorakit.LorakitError, match=f"no space left on the device while writing checkpoint .*"
+                                                       f"step-00000004.*the last complete checkpoint {good} is intact"):
+            save(disk, 4, model, optimizer, scheduler)
+        assert sorted(p.name for p in disk.iterdir() if p.name != "filler") == ["latest", good.name]
+        assert latest_checkpoint(disk) == good and checkpoint.checkpoint_problem(good) is None
+        if unmount:
+            filler.unlink()  # space freed: the next save works
+        else:
+            monkeypatch.setattr(checkpoint.Path, "write_bytes", original)
+        assert save(disk, 4, model, optimizer, scheduler).name == "step-00000004"
+        assert checkpoint.checkpoint_problem(disk / "step-00000004") is None
+    finally:
+        if unmount:
+            unmount()
+
+
+def test_checksums_name_the_changed_missing_or_added_file(tmp_path):
+    model, optimizer, scheduler = lora_run()
+    path = save(tmp_path, 2, model, optimizer, scheduler)
+    assert checkpoint.checkpoint_problem(path) is None
+    (path / "extra.bin").write_bytes(b"x")
+    assert "extra.bin is not recorded" in checkpoint.checkpoint_problem(path)
+    (path / "extra.bin").unlink()
+    (path / "adapter" / "adapter_config.json").unlink()
+    assert "adapter/adapter_config.json is missing" in checkpoint.checkpoint_problem(path)
+    (path / "checksums.json").write_text("[" * 10_000)
+    assert "checksums.json is unreadable" in checkpoint.checkpoint_problem(path)
+    (tmp_path / "latest").write_bytes(b"\xff\xfe")  # a garbled pointer: older checkpoints are still tried
+    assert checkpoint.resumable_checkpoint(tmp_path)[0] is None

@@ -72,4 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     except LorakitError as e:
         print(f"lorakit {name}: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # the filesystem refused a path the user gave (too long, no permission, I/O error)
+        where = f" ({str(e.filename)[:200]})" if e.filename else ""
+        print(f"lorakit {name}: error: {e.strerror or e}{where}; check the path.", file=sys.stderr)
+        return 1
     return 0

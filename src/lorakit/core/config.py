@@ -92,15 +92,14 @@ class LoraConfig:
             self.exclude_modules = sorted(self.exclude_modules)
         if isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [self.layers_to_transform]
+        self._check_types()
         _check_rank("r", self.r)
         _check_alpha("lora_alpha", self.lora_alpha)
         if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
             raise LorakitError(f"lora_dropout={self.lora_dropout!r} is invalid: use a number in [0, 1), e.g. 0.05.")
-        if self.bias not in BIAS_CHOICES:
+        if not isinstance(self.bias, str) or self.bias not in BIAS_CHOICES:
             raise LorakitError(f"bias={self.bias!r} is invalid: use one of {', '.join(map(repr, BIAS_CHOICES))}.")
-        if self.init_lora_weights not in INIT_CHOICES or isinstance(self.init_lora_weights, int) and not isinstance(
-            self.init_lora_weights, bool
-        ):
+        if not isinstance(self.init_lora_weights, (bool, str)) or self.init_lora_weights not in INIT_CHOICES:
             raise LorakitError(
                 f"init_lora_weights={self.init_lora_weights!r} is invalid: use True, False, 'gaussian' or 'pissa'."
             )
@@ -110,11 +109,32 @@ class LoraConfig:
             _check_rank(f"rank_pattern[{key!r}]", rank)
         for key, alpha in self.alpha_pattern.items():
             _check_alpha(f"alpha_pattern[{key!r}]", alpha)
-        if self.target_modules is not None and not isinstance(self.target_modules, (str, list)):
-            raise LorakitError(
-                f"target_modules={self.target_modules!r} is invalid: give a list of names, a regex string, or 'all-linear'."
-            )
-        if self.modules_to_save is not None and not isinstance(self.modules_to_save, list):
+
+    def _check_types(self) -> None:
+        # A config read from JSON may hold any type anywhere: refuse it here, naming the field, rather than
+        # let a list reach code that expects a mapping (AttributeError) or a bad regex reach re (re.error).
+        for name in ("target_modules", "exclude_modules", "layers_pattern"):
+            _check_names_or_regex(name, getattr(self, name))
+        if isinstance(self.layers_pattern, str):  # as lorakit.core.matching.layer_index uses it
+            _check_regex("layers_pattern", self.layers_pattern, r"(?:^|\.)(?:{})\.(\d+)(?:\.|$)")
+        for name in ("rank_pattern", "alpha_pattern"):
+            value = getattr(self, name)
+            if not isinstance(value, dict):
+                raise LorakitError(f"{name}={value!r} is invalid: give a mapping {{regex on module name: value}}.")
+            for key in value:  # as lorakit.core.matching.pattern_value uses it
+                _check_regex(f"{name} key", key, r"(.*\.)?({})$")
+        if self.layers_to_transform is not None and not (
+                isinstance(self.layers_to_transform, list)
+                and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers_to_transform)):
+            raise LorakitError(f"layers_to_transform={self.layers_to_transform!r} is invalid: give block indices, e.g. [0, 1].")
+        for name in ("use_rslora", "use_dora", "fan_in_fan_out"):
+            if not isinstance(getattr(self, name), bool):
+                raise LorakitError(f"{name}={getattr(self, name)!r} is invalid: use true or false.")
+        for name in ("base_model_name_or_path", "task_type"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise LorakitError(f"{name}={getattr(self, name)!r} is invalid: give a string or null.")
+        if self.modules_to_save is not None and not (
+                isinstance(self.modules_to_save, list) and all(isinstance(m, str) for m in self.modules_to_save)):
             raise LorakitError(f"modules_to_save={self.modules_to_save!r} is invalid: give a list of module names.")
 
     def scaling_for(self, r: int, lora_alpha: float) -> float:
@@ -157,6 +177,27 @@ class LoraConfig:
 def _check_rank(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise LorakitError(f"{name}={value!r} is invalid: the rank must be a positive integer, e.g. 8.")
+
+
+def _check_regex(name: str, value: Any, template: str = "{}") -> None:
+    """`value` is a string that compiles as a regex, alone and inside `template` (how matching uses it)."""
+    if not isinstance(value, str):
+        raise LorakitError(f"{name} {value!r} is invalid: give a string (a module name or a regex).")
+    try:
+        re.compile(value)
+        re.compile(template.replace("{}", value))
+    except (re.error, RecursionError, OverflowError) as e:
+        raise LorakitError(f"{name} {value!r} is not a valid regular expression ({e}); escape it or fix it.") from e
+
+
+def _check_names_or_regex(name: str, value: Any) -> None:
+    """None, a regex string, or a list of module names (strings)."""
+    if value is None:
+        return
+    if isinstance(value, str):
+        _check_regex(name, value)
+    elif not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        raise LorakitError(f"{name}={value!r} is invalid: give a list of module names, a regex string, or 'all-linear'.")
 
 
 def _check_alpha(name: str, value: Any) -> None:

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from lorakit.core import dora
@@ -103,6 +105,38 @@ def _find_modules_to_save(model: nn.Module, names: list[str]) -> list[tuple[str,
     return found
 
 
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory that a new allocation on `device` can still use (MemAvailable on the host)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            line = next(l for l in f if l.startswith("MemAvailable:"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_factor_memory(targets: list[Target]) -> None:
+    """Refuse ranks whose factors would need more memory than is free, before allocating any of them.
+
+    A layer's factors hold r x (d_out + d_in) values (d_in: the rest of a conv/embedding weight's dims), in fp32
+    at most.
+    """
+    need: dict[torch.device, int] = {}
+    for t in targets:
+        weight = getattr(t.module, "weight", None)
+        if weight is None or weight.dim() == 0:
+            continue
+        rows = weight.shape[0]
+        need[weight.device] = need.get(weight.device, 0) + 4 * t.r * (rows + weight.numel() // max(rows, 1))
+    for device, nbytes in need.items():
+        free = free_memory_bytes(device)
+        if nbytes > free:
+            raise LorakitError(f"the LoRA factors at these ranks need {nbytes / 2**30:.1f} GiB on {device}, more than "
+                               f"the {free / 2**30:.1f} GiB free; lower r / rank_pattern.")
+
+
 def apply(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
     """Add adapter `adapter_name` to the modules `config` targets, in place, and freeze everything else.
 
@@ -128,6 +162,7 @@ def apply(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -
     if adapter_name in configs:
         raise LorakitError(f"the model already has an adapter named {adapter_name!r}; pass another adapter_name.")
     targets = find_targets(model, config)
+    check_factor_memory(targets)
     to_save = _find_modules_to_save(model, config.modules_to_save) if config.modules_to_save else []
     if config.init_lora_weights == "pissa" and any(t.layer_class.__name__ != "Linear" for t in targets):
         raise LorakitError("init_lora_weights='pissa' applies to linear layers only; narrow target_modules to them.")

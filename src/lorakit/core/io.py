@@ -23,7 +23,7 @@ from lorakit.core.active import (
 from lorakit.core.config import LoraConfig
 from lorakit.core.errors import LorakitError
 from lorakit.core.fsutil import atomic_write_bytes, atomic_write_text
-from lorakit.core.inject import apply
+from lorakit.core.inject import apply, find_targets
 from lorakit.core.matching import pattern_value
 
 CONFIG_NAME = "adapter_config.json"
@@ -185,8 +185,9 @@ def read_config_json(directory: str | Path) -> dict:
         raise LorakitError(f"{path} not found: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}.")
     try:
         data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LorakitError(f"{path} is not valid JSON ({e}); the adapter directory is corrupt, save it again.") from e
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise LorakitError(f"{path} is not valid JSON ({type(e).__name__}: {e}); the adapter directory is corrupt, "
+                           "save it again.") from e
     if not isinstance(data, dict):
         raise LorakitError(f"{path} must hold a JSON object with the adapter's config fields.")
     return data
@@ -226,9 +227,37 @@ def read_adapter_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
         raise LorakitError(f"{path} is truncated or corrupt ({e}); save the adapter again.") from e
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise LorakitError(f"{path}: tensor {key!r} has dtype {tensor.dtype}; adapter weights are floating point. "
+                               "The file is corrupt or not an adapter.")
+        if not bool(torch.isfinite(tensor).all()):
+            raise LorakitError(f"{path}: tensor {key!r} holds NaN or Inf values; the adapter is corrupt "
+                               "(or its training diverged), use an earlier checkpoint.")
+    return tensors
+
+
+def check_ranks_against_file(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Every module the config targets has its A factor in the file, with the rank the config gives it.
+
+    Run before `apply`: a config may ask for any rank, and allocating it first (r = 10**9) exhausts memory.
+
+    Raises:
+        LorakitError: a factor missing, or a rank in the config that the file's tensors contradict.
+    """
+    for target in find_targets(model, config):
+        a_name = target.layer_class.a_name
+        keys = [f"{PREFIX}{target.name}.{a_name}.weight", f"{PREFIX}{target.name}.{a_name}"]
+        found = next((tensors[k] for k in keys if k in tensors), None)
+        if found is None:
+            raise LorakitError(f"{source}: tensor {keys[0]!r} is missing; the adapter does not fit this model "
+                               f"(module {target.name}).")
+        if found.dim() == 0 or found.shape[0] % target.r:
+            raise LorakitError(f"{source}: the config gives module {target.name} rank {target.r}, but its "
+                               f"{a_name} in the file has shape {tuple(found.shape)}; the config and weights disagree.")
 
 
 def load_adapter(
@@ -254,6 +283,7 @@ def load_adapter(
             f"{directory} holds a PiSSA adapter saved without conversion; it only fits a PiSSA residual base. "
             "Save it with lorakit (which converts it to a plain LoRA) or PEFT's path_initial_model_for_weight_conversion."
         )
+    check_ranks_against_file(model, config, tensors, str(directory))
     # The factors come from the file: skip random/SVD init work that would be overwritten.
     apply(model, config.replace(init_lora_weights=True), adapter_name)
     try:

@@ -112,7 +112,8 @@ class LoraMethod(Method):
     def describe(cls, config: dict[str, Any], shapes: Shapes) -> list[Row]:
         parsed = LoraConfig.from_dict(config)
         # r of each module: the rows of its A (lora_A.weight: r x d_in; an embedding's lora_embedding_A too)
-        ranks = [shape[0] for key, shape in shapes.items() if key.endswith(("lora_A.weight", "lora_embedding_A"))]
+        ranks = [shape[0] for key, shape in shapes.items()
+                 if key.endswith(("lora_A.weight", "lora_embedding_A")) and len(shape) >= 2]
         return [("target_modules", parsed.target_modules), ("r", parsed.r), ("lora_alpha", parsed.lora_alpha),
                 ("use_rslora", parsed.use_rslora), ("use_dora", parsed.use_dora), ("adapted_modules", len(ranks)),
                 ("ranks", sorted(set(ranks)))]

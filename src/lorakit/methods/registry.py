@@ -40,7 +40,7 @@ def loader_for(config: dict[str, Any], where: str) -> type[Method]:
         LorakitError: a peft_type lorakit does not read.
     """
     peft_type = config.get("peft_type", "LORA")
-    if peft_type not in LOADERS:
+    if not isinstance(peft_type, str) or peft_type not in LOADERS:
         raise LorakitError(f"{where}/{CONFIG_NAME}: peft_type {peft_type!r} is not one lorakit reads; "
                            f"it reads {', '.join(LOADERS)}.")
     return LOADERS[peft_type]

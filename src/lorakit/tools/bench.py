@@ -203,9 +203,9 @@ def run_one(name: str, cfg: BenchTrainConfig) -> dict:
         (the model's own tensors: weights, quantization scales, adapters).
     """
     from lorakit.core.quantize import tensor_bytes
-    from lorakit.training.models import default_device
+    from lorakit.training.models import as_device, default_device
 
-    device = torch.device(cfg.device) if cfg.device else default_device()
+    device = as_device(cfg.device) if cfg.device else default_device()
     torch.manual_seed(0)
     if name == "limit":
         return run_limit(cfg, device)
@@ -345,9 +345,9 @@ def bench_infer(cfg: BenchInferConfig) -> dict:
     from lorakit.core.adapters import merge_and_unload
     from lorakit.core.config import LoraConfig
     from lorakit.core.inject import apply
-    from lorakit.training.models import default_device, default_dtype, load_model
+    from lorakit.training.models import as_device, default_device, default_dtype, load_model
 
-    device = torch.device(cfg.device) if cfg.device else default_device()
+    device = as_device(cfg.device) if cfg.device else default_device()
     loaded = load_model(cfg.model, device=device)
     base, tok = loaded.model.to(default_dtype(device)), loaded.tokenizer
     ids = tok("The history of the printing press", return_tensors="pt").to(device)

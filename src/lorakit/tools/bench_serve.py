@@ -33,9 +33,9 @@ def run_config(name: str, cfg: BenchServeConfig) -> dict:
     """Run configuration `name` in this process; returns its measurements (or {"skipped": reason})."""
     from lorakit.tools import bench_serve_runs as runs
     from lorakit.tools.bench_serve_http import run_http
-    from lorakit.training.models import default_device
+    from lorakit.training.models import as_device, default_device
 
-    device = torch.device(cfg.device) if cfg.device else default_device()
+    device = as_device(cfg.device) if cfg.device else default_device()
     torch.manual_seed(cfg.seed)
     kind, _, count = name.partition(":")
     table = {"base": runs.run_engine, "mixed": runs.run_engine, "swap": runs.run_engine, "peft": runs.run_peft,

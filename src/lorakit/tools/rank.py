@@ -84,10 +84,14 @@ def read_factors(directory: str | Path) -> AdapterFactors:
                 raise LorakitError(f"{directory}: {key} has no matching {b_key}; the adapter file is incomplete, save it again.")
             r = pattern_value(config.rank_pattern, name, config.r)
             alpha = pattern_value(config.alpha_pattern, name, config.lora_alpha)
-            if tensors[key].shape[0] != r:
+            A, B = tensors[key], tensors[b_key]
+            if A.dim() < 2 or B.dim() < 2:
+                raise LorakitError(f"{directory}: module {name} has factors of shapes {tuple(A.shape)} and "
+                                   f"{tuple(B.shape)}; LoRA factors are matrices. The adapter file is corrupt.")
+            if A.shape[0] != r or B.shape[1] != r:
                 raise LorakitError(
-                    f"{directory}: module {name} has rank {tensors[key].shape[0]} in the weights but {r} in "
-                    "adapter_config.json (r / rank_pattern); the files do not belong together."
+                    f"{directory}: module {name} has rank {A.shape[0]} (A) / {B.shape[1]} (B) in the weights but {r} "
+                    "in adapter_config.json (r / rank_pattern); the files do not belong together."
                 )
             modules[name] = ModuleFactors(name, key, b_key, tensors[key], tensors[b_key], config.scaling_for(r, alpha))
     if not modules:

@@ -229,6 +229,8 @@ def read_config_values(cls: type, path: str | os.PathLike) -> dict[str, Any]:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise LorakitError(f"{path} is not valid YAML: {exc}. Fix the syntax at the position shown.") from None
+    except RecursionError:
+        raise LorakitError(f"{path} nests lists or mappings too deeply to read; a config is a flat mapping.") from None
     if data is None:  # an empty file, or only comments
         return {}
     if not isinstance(data, dict):

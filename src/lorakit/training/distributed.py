@@ -45,7 +45,9 @@ def init_world(device: str | None = None) -> World:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    from lorakit.training.models import as_device  # lazy: models imports transformers' helpers
+
+    dev = as_device(device)
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank if size > 1 else (dev.index or 0))
         torch.cuda.set_device(dev)

@@ -27,6 +27,7 @@ from lorakit.methods.registry import make_methods, optimizer_groups
 from lorakit.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
+    resumable_checkpoint,
     save_checkpoint,
 )
 from lorakit.training.config import TrainConfig
@@ -34,6 +35,7 @@ from lorakit.training.config_file import save_config
 from lorakit.training.data.batching import BatchPlan, collate
 from lorakit.training.data.sets import Datasets, load_datasets
 from lorakit.training.distributed import World, close_world, init_world, main_first
+from lorakit.training.guard import DISK_FULL, RunGuard, disk_full_error
 from lorakit.training.evaluate import EvalResult, evaluate, mean_loss, text_perplexity
 from lorakit.training.knowledge import (
     ForgettingGuard,
@@ -219,7 +221,9 @@ def resume(run: Run, trainer: Trainer) -> int:
     """With --resume, restore the latest checkpoint; returns the step to continue from (0: a fresh start)."""
     if not run.cfg.resume:
         return 0
-    ckpt = latest_checkpoint(run.ckpt_dir)
+    ckpt, notes = resumable_checkpoint(run.ckpt_dir)
+    if run.world.is_main and notes:
+        print("\n".join(notes + [f"--resume: using {ckpt or 'no checkpoint (step 0)'} instead."]))
     if ckpt is None:
         if run.world.is_main:
             print(f"--resume: no checkpoint in {run.ckpt_dir}; starting from step 0.")
@@ -309,10 +313,10 @@ def maybe_evaluate(run: Run, trainer: Trainer, step: int) -> dict[str, float]:
     return {"eval_loss": loss} if run.world.is_main else {}
 
 
-def maybe_checkpoint(run: Run, trainer: Trainer, step: int, loss: float) -> None:
-    """Every --save-every steps but the last: rank 0 writes a checkpoint, the others wait for it."""
+def maybe_checkpoint(run: Run, trainer: Trainer, step: int, loss: float, now: bool = False) -> None:
+    """Every --save-every steps but the last (or `now`): rank 0 writes a checkpoint, the others wait for it."""
     n, every = step + 1, run.cfg.save_every
-    if not (every and n % every == 0 and n < trainer.total_steps):
+    if not now and not (every and n % every == 0 and n < trainer.total_steps):
         return
     with full_trainable(run.model, trainer.optimizer):
         if run.world.is_main:
@@ -373,7 +377,9 @@ def train(cfg: TrainConfig) -> dict:
     started = time.perf_counter()
     world = init_world(cfg.device)
     trackers = Trackers([])
+    guard = RunGuard(Path(cfg.output), enabled=world.is_main)
     try:
+        guard.__enter__()  # lock, writability, signals: before loading anything
         run = setup_run(cfg, world, started)
         trackers = run.trackers
         # a model loaded lean exists only once sharded: it is measured then (LoRA starts at B = 0: the base)
@@ -402,13 +408,21 @@ def train(cfg: TrainConfig) -> dict:
             metrics.write(record)
             trackers.log_metrics(train_metrics(record), step=step + 1)
             progress.update(record)
-            maybe_checkpoint(run, trainer, step, loss)
+            maybe_checkpoint(run, trainer, step, loss, now=guard.stop_signal is not None)
+            if guard.stop_signal is not None:
+                raise guard.stopped(step + 1, latest_checkpoint(run.ckpt_dir))
         progress.close()
 
         return finish(run, trainer, before, tokens_seen / train_time if train_time else None)
+    except OSError as e:
+        trackers.close(failed=True)
+        if e.errno not in DISK_FULL:
+            raise
+        raise disk_full_error(e, "the run's files", latest_checkpoint(Path(cfg.output) / "checkpoints")) from e
     except BaseException:
         trackers.close(failed=True)
         raise
     finally:
         trackers.close()
+        guard.__exit__()
         close_world(world)

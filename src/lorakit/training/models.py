@@ -117,7 +117,7 @@ def default_dtype(device: str | torch.device | None = None) -> torch.dtype:
     Raises:
         LorakitError: If `device` is not a valid device name.
     """
-    device = default_device() if device is None else _as_device(device)
+    device = default_device() if device is None else as_device(device)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu" and _cpu_flags() & _CPU_BF16_FLAGS:
@@ -218,7 +218,7 @@ def load_model(
             f"dtype must be a floating torch.dtype such as torch.bfloat16 or torch.float32, "
             f"got {dtype!r}; pass None to keep float32."
         )
-    target = default_device() if device is None else _as_device(device)
+    target = default_device() if device is None else as_device(device)
     if padding_side not in ("left", "right"):
         raise LorakitError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
 
@@ -413,7 +413,7 @@ def _ensure_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
         generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-def _as_device(device: str | torch.device) -> torch.device:
+def as_device(device: str | torch.device) -> torch.device:
     """Parse a device name, refusing devices this machine does not have."""
     try:
         parsed = torch.device(device)

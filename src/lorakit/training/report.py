@@ -21,14 +21,23 @@ class MetricsLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if truncate_after and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= truncate_after]
+            kept = [line for line in path.read_text(errors="replace").splitlines()
+                    if (record := _record(line)) is not None and record.get("step", 0) <= truncate_after]
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def _record(line: str) -> dict | None:
+    """One metrics line as a dict; None for a line torn by a kill mid-write (or anything else unreadable)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step", 0), int) else None
 
 
 def _fmt(value: float | None, pct: bool = False) -> str:

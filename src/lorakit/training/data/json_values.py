@@ -25,8 +25,8 @@ def json_value(value: Any, where: str, kind: type, fix: str) -> Any:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise LorakitError(f"{where}: invalid JSON ({e.msg}); {fix}") from None
+        except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested thousands deep
+            raise LorakitError(f"{where}: invalid JSON ({getattr(e, 'msg', 'nested too deeply')}); {fix}") from None
     if not isinstance(value, kind):
         raise LorakitError(f"{where}: expected a JSON {_KIND_NAMES.get(kind, kind.__name__)}, "
                            f"got {type(value).__name__}; {fix}")

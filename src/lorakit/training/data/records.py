@@ -62,7 +62,10 @@ def load_records(path: str | Path, format: str | None = None) -> tuple[list[dict
         )
     if not path.is_file():
         raise LorakitError(f"{path}: data file not found; check the path.")
-    text = path.read_text(encoding="utf-8-sig")  # utf-8-sig drops a BOM left by spreadsheet exports
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # utf-8-sig drops a BOM left by spreadsheet exports
+    except UnicodeDecodeError as e:
+        raise LorakitError(f"{path}: byte {e.start} is not UTF-8 ({e.reason}); save the file as UTF-8.") from None
 
     if suffix == ".txt":
         if format not in (None, "text"):

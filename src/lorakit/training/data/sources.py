@@ -176,7 +176,14 @@ def iter_rows(parts: list[Part], options: DataOptions, format: str | None = None
     """
     count = 0
     for part in parts:
-        rows = iter(open_part(part, options.split))
+        try:
+            rows = iter(open_part(part, options.split))
+        except StopIteration:  # `datasets` infers the columns from the first row: an empty file has none
+            continue
+        except LorakitError:
+            raise
+        except Exception as error:  # noqa: BLE001 - as below
+            raise diagnose(part, format, error) from None
         number = 0
         while not options.max_samples or count < options.max_samples:
             try:
@@ -219,13 +226,20 @@ def diagnose(part: Part, format: str | None, error: Exception) -> LorakitError:
 
 def check_json_lines(path: Path, format: str | None) -> None:
     """Read a JSON Lines file line by line (memory bounded) and raise lorakit's error for its first bad line."""
-    with path.open(encoding="utf-8-sig") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            row = json_value(line, where, dict, ONE_OBJECT_PER_LINE)
-            validate_record(row, format or detect_format(row, where), where)
+    try:
+        with path.open(encoding="utf-8-sig") as f:
+            for number, line in enumerate(f, start=1):
+                check_json_line(line, f"{path}:{number}", format)
+    except UnicodeDecodeError as e:
+        raise LorakitError(f"{path}: a line holds bytes that are not UTF-8 ({e.reason}); save the file as UTF-8.") from None
+
+
+def check_json_line(line: str, where: str, format: str | None) -> None:
+    """One JSON Lines line: blank, or a JSON object that is a valid record."""
+    if not line.strip():
+        return
+    row = json_value(line, where, dict, ONE_OBJECT_PER_LINE)
+    validate_record(row, format or detect_format(row, where), where)
 
 
 def validate_row(where: str, row: dict, format: str) -> dict:

@@ -149,22 +149,22 @@ def run_http(kind: str, cfg: BenchServeConfig, device, tmp: Path, n_adapters: in
 # ---- bench serve-load --------------------------------------------------------------------------------------
 @dataclass
 class BenchServeLoadConfig:
-    model: str | None = None
-    """Model served (default: a tiny random 2-layer Llama with SmolLM2's tokenizer, built in a scratch directory)."""
     clients: int = 200
     """Concurrent streaming clients."""
     rounds: int = 3
     """Bursts of `clients` concurrent requests, one after the other (the server's RSS is read after each)."""
+    model: str | None = None
+    """Model served (default: a tiny random 2-layer Llama with SmolLM2's tokenizer, built in a scratch directory)."""
     adapters: int = 8
     """Adapters the requests are spread over (rank 8, all projections)."""
     max_tokens: int = 32
     """Tokens generated per request (stop tokens ignored)."""
+    json: bool = False
+    """Print a JSON object instead of lines of text."""
     max_batch_size: int = 32
     """The server's batch rows (the rest queue in the engine)."""
     seed: int = 0
     """Seed of the prompts and adapters."""
-    json: bool = False
-    """Print a JSON object instead of lines of text."""
 
 
 def tiny_model(directory: Path) -> str:

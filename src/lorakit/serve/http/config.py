@@ -23,22 +23,22 @@ class ServeConfig:
     """Require 'Authorization: Bearer KEY' on every route but / and /health (default: $LORAKIT_API_KEY if set)."""
     served_model_name: str | None = None
     """The `model` name of the base (default: the --model value, or 'default')."""
-    max_loaded_adapters: int = 8
-    """Adapters held in memory; the least recently used idle one is dropped and read again on demand."""
-    max_concurrency: int = 64
-    """Generation requests in flight (running + queued); more get 429 with Retry-After."""
+    device: str | None = None
+    """cpu, cuda ...; default: cuda if available."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Serving dtype (auto: the device's fastest)."""
     max_batch_size: int = 16
     """Requests decoded together in one batch."""
     max_seq_len: int = 2048
     """Context length served: prompt + max_tokens of one request."""
-    max_body_bytes: int = 1_048_576
+    max_loaded_adapters: int = 8
+    """Adapters held in memory; the least recently used idle one is dropped and read again on demand."""
+    max_concurrency: int = 64
+    """Generation requests in flight (running + queued); more get 429 with Retry-After."""
+    max_body_bytes: int = 1 << 20
     """Largest request body (bytes); larger ones get 413."""
     shutdown_timeout: float = 30.0
     """On SIGTERM/SIGINT: seconds to let in-flight requests finish before they are cut."""
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """Serving dtype (auto: the device's fastest)."""
-    device: str | None = None
-    """cpu, cuda ...; default: cuda if available."""
 
     def __post_init__(self) -> None:
         for name in ("max_loaded_adapters", "max_concurrency", "max_batch_size", "max_seq_len", "max_body_bytes"):

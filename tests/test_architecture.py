@@ -126,3 +126,10 @@ def test_modules_and_functions_are_short():
 def test_no_private_names_across_modules():
     crossing = [f"{m} imports {t}.{n}" for m, edges in imports().items() for t, n in edges if n.startswith("_")]
     assert not crossing, crossing
+
+
+def test_test_files_have_unique_basenames():
+    # pytest imports test files by basename (rootdir mode): two test_config.py in different folders clash
+    tests = Path(__file__).parent
+    names = [p.name for p in tests.rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []

@@ -42,7 +42,8 @@ test: setup-dev setup-browser
 	$(PY) -m pytest
 
 ## Fuzzing: at least 1,000 cases per target (the regular suite runs 25 per target, fixed seed).
-FUZZ_TESTS := tests/core/test_io_fuzz.py tests/cli/test_cli_fuzz.py tests/training/test_inputs_fuzz.py
+FUZZ_TESTS := tests/core/test_io_fuzz.py tests/cli/test_cli_fuzz.py tests/training/test_inputs_fuzz.py \
+              tests/serve/test_engine_fuzz.py tests/tools/export_gguf/test_export_fuzz.py
 fuzz: setup-dev
 	LORAKIT_FUZZ=1 $(PY) -m pytest -p no:cacheprovider --hypothesis-show-statistics -k test_fuzz_ $(FUZZ_TESTS)
 

@@ -141,11 +141,9 @@ def lying_safetensors(draw, valid: bytes) -> bytes:
 CONFIG_FIELDS = [f for f in LoraConfig.__dataclass_fields__] + ["peft_type", "revision", "loftq_config"]
 
 
-def valid_adapter() -> tuple[bytes, bytes]:
-    """(adapter_config.json, adapter_model.safetensors) of a small LoRA with rank and alpha patterns, B != 0."""
-    model = tiny_llama()
-    lorakit.apply(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"],
-                                    rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 16}))
+def adapter_files(model, config: LoraConfig) -> tuple[bytes, bytes]:
+    """(adapter_config.json, adapter_model.safetensors) of `config` applied to `model`, with B != 0."""
+    lorakit.apply(model, config)
     randomize_lora(model)
     with tempfile.TemporaryDirectory() as d:
         lorakit.save_adapter(model, d)
@@ -153,13 +151,19 @@ def valid_adapter() -> tuple[bytes, bytes]:
                 Sample((Path(d) / WEIGHTS_NAME).read_bytes(), WEIGHTS_NAME))
 
 
+def valid_adapter() -> tuple[bytes, bytes]:
+    """A small LoRA on conftest's tiny_llama with rank and alpha patterns."""
+    return adapter_files(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"],
+                                                  rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 16}))
+
+
 VALID_CONFIG, VALID_WEIGHTS = valid_adapter()
 
 
 @st.composite
-def mutated_tensors(draw) -> bytes:
+def mutated_tensors(draw, valid: bytes) -> bytes:
     """The adapter's tensors re-saved with NaN/Inf, another shape or dtype, a tensor missing or added."""
-    tensors = dict(load_bytes(VALID_WEIGHTS))
+    tensors = dict(load_bytes(valid))
     name = draw(st.sampled_from(sorted(tensors)))
     kind = draw(st.sampled_from(["nan", "inf", "shape", "dtype", "drop", "extra"]))
     t = tensors[name]
@@ -180,10 +184,16 @@ def mutated_tensors(draw) -> bytes:
     return save_bytes(tensors)
 
 
-ADAPTER_DIRS = st.one_of(
-    st.tuples(mutated_json_object(json.loads(VALID_CONFIG), CONFIG_FIELDS), st.just(VALID_WEIGHTS)),
-    st.tuples(mutated_bytes(VALID_CONFIG), st.just(VALID_WEIGHTS)),
-    st.tuples(st.just(VALID_CONFIG), mutated_bytes(VALID_WEIGHTS)),
-    st.tuples(st.just(VALID_CONFIG), lying_safetensors(VALID_WEIGHTS)),
-    st.tuples(st.just(VALID_CONFIG), mutated_tensors()),
-)
+def adapter_dir_cases(config: bytes, weights: bytes):
+    """Mutations of one valid adapter directory: its config (fields and bytes), its weights (bytes, a lying
+    safetensors header, tensors with other values, shapes and dtypes), one file at a time."""
+    return st.one_of(
+        st.tuples(mutated_json_object(json.loads(config), CONFIG_FIELDS), st.just(weights)),
+        st.tuples(mutated_bytes(config), st.just(weights)),
+        st.tuples(st.just(config), mutated_bytes(weights)),
+        st.tuples(st.just(config), lying_safetensors(weights)),
+        st.tuples(st.just(config), mutated_tensors(weights)),
+    )
+
+
+ADAPTER_DIRS = adapter_dir_cases(VALID_CONFIG, VALID_WEIGHTS)

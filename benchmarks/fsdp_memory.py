@@ -10,7 +10,8 @@ Run twice: with glibc's default allocator settings, and with MALLOC_MMAP_THRESHO
 128 KB get their own mapping, returned to the OS when freed). By default glibc raises that threshold as
 large blocks are freed and then keeps freed tensors in its heap, so the resident set grows by hundreds of MB
 over a few steps without any live tensor behind it (malloc_trim(0) after 2 steps of the sharded run: 1.9 GB
--> 0.73 GB per process).
+-> 0.73 GB per process). Sharded CPU runs now set the threshold themselves (`sharding.bound_cpu_heap`), so
+the "glibc default" rows show the fsdp run as lorakit runs it and the 1-process run with glibc's default.
 """
 from __future__ import annotations
 

@@ -213,3 +213,12 @@ def test_dora_loads_whole_then_shards_and_matches_one_process(tiny_model_dir, ta
     run(torchrun(*train_args(tiny_model_dir, task_files[0], tmp_path / "two", "--batch-size", "2", "--shard", "fsdp",
                              *args)))
     assert_same_adapter(tmp_path / "one", tmp_path / "two")
+
+
+def test_sharded_cpu_runs_bound_the_heap():
+    import platform
+
+    from lorakit.training.sharding import bound_cpu_heap
+
+    # glibc's mallopt accepts the threshold (returns 1); elsewhere nothing is set and the run goes on
+    assert bound_cpu_heap() is (platform.libc_ver()[0] == "glibc")

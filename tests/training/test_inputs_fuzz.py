@@ -20,7 +20,7 @@ import lorakit
 from lorakit.training import checkpoint
 from lorakit.training.config import TrainConfig
 from lorakit.training.config_file import config_to_yaml, load_config
-from lorakit.training.data.sources import DataOptions, read_records
+from lorakit.training.data.sources import DataOptions, parse_columns, read_records
 from lorakit.training.data.tokenize import tokenize_records
 
 # ---- data rows ----------------------------------------------------------------------------------------
@@ -76,21 +76,42 @@ def data_files(draw) -> tuple[str, bytes]:
     return suffix, data
 
 
+# --columns values: mappings of lorakit's fields to the data's columns, valid, clashing or malformed
+COLUMNS = st.lists(st.sampled_from(["output=answer", "instruction=text", "text=instruction", "messages=output",
+                                    "output=output", "=x", "output=", "nonsense", "text=text", "input=missing"]),
+                   max_size=3)
+
+
 DATA_CASES = st.tuples(data_files(), st.sampled_from([None, "instruction", "chat", "text", "sharegpt"]),
-                       st.integers(0, 3), st.booleans())
+                       st.integers(0, 3), st.booleans(), COLUMNS, st.booleans())
 
 
 def read_and_tokenize(case, tokenizer) -> None:
-    (suffix, data), format, max_samples, train_on_prompt = case
+    """Read the file as `lorakit train` does (in memory, or --streaming up to the first batch) and tokenize."""
+    (suffix, data), format, max_samples, train_on_prompt, columns, streaming = case
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / f"data{suffix}"
         path.write_bytes(data)
         try:
-            records, fmt = read_records(str(path), format, DataOptions(max_samples=max_samples))
+            if streaming:
+                first_streamed_batch(path, format, columns, train_on_prompt, tokenizer)
+                return
+            records, fmt = read_records(str(path), format, DataOptions(columns=parse_columns(columns),
+                                                                       max_samples=max_samples))
             tokenize_records(records, tokenizer, fmt, 64, truncate=True, train_on_prompt=train_on_prompt,
                              source=path)
         except lorakit.LorakitError:
             pass
+
+
+def first_streamed_batch(path, format, columns, train_on_prompt, tokenizer) -> None:
+    from lorakit.training.data.stream import open_stream
+
+    cfg = TrainConfig(data=str(path), format=format or "auto", columns=columns, streaming=True, max_steps=1,
+                      batch_size=1, eval_samples=1, max_seq_len=64, train_on_prompt=train_on_prompt)
+    _, batches, _, _ = open_stream(cfg, tokenizer)
+    (micro,) = batches.micro_batches(0, 0)
+    assert len(micro) == 1 and micro[0]["input_ids"]
 
 
 @given(DATA_CASES)

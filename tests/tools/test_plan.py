@@ -84,7 +84,10 @@ def saved_activation_bytes(model, ids) -> int:
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # sdpa's fused CPU kernel keeps a log-sum-exp, its math fallback the probabilities: pin the one plan counts
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         total, _ = loss_sum(model, ids, torch.ones_like(ids), ids)
     return sum(saved.values())
 

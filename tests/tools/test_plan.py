@@ -104,17 +104,34 @@ def default_kernels(monkeypatch):
     autotune.forget_process_decisions()
 
 
+SAVED_IN_A_FRESH_PROCESS = """
+import json, sys, torch
+sys.path[:0] = [sys.argv[1], str(__import__("pathlib").Path(sys.argv[1]).parent)]
+from transformers import LlamaConfig, LlamaForCausalLM
+import lorakit
+from test_plan import saved_activation_bytes
+config = LlamaConfig(**json.loads(sys.argv[2]))
+torch.manual_seed(0)
+model = LlamaForCausalLM(config).to(torch.bfloat16)
+lorakit.apply(model, lorakit.LoraConfig(r=8, target_modules=json.loads(sys.argv[3])))
+model.train()
+print(saved_activation_bytes(model, torch.randint(0, 128, (2, 96))))
+"""
+
+
 @pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj"]])
 def test_activation_estimate_matches_what_autograd_saves(targets, default_kernels):
-    config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=320, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    lorakit.apply(model, LoraConfig(r=8, target_modules=targets))
-    model.train()
-    ids = torch.randint(0, 128, (2, 96))
-    estimate = plan(config.to_dict(), r=8, target_modules=targets, batch_size=2, seq_len=96).methods[1]
-    assert estimate.memory["activations"] == pytest.approx(saved_activation_bytes(model, ids), rel=0.1)
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config = dict(vocab_size=128, hidden_size=128, intermediate_size=320, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    # measured in a process of its own: what autograd saves must not depend on what earlier tests set up
+    out = subprocess.run([sys.executable, "-c", SAVED_IN_A_FRESH_PROCESS, str(Path(__file__).parent),
+                          json.dumps(config), json.dumps(targets)], capture_output=True, text=True, check=True)
+    estimate = plan(LlamaConfig(**config).to_dict(), r=8, target_modules=targets, batch_size=2, seq_len=96).methods[1]
+    assert estimate.memory["activations"] == pytest.approx(int(out.stdout.split()[-1]), rel=0.1)
 
 
 def test_plan_cli_json(tiny_model_dir, capsys):

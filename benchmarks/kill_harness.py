@@ -32,19 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def make_tiny_model(directory: Path) -> Path:
     """A 2-layer, 16-wide random Llama with SmolLM2's tokenizer, saved as a Hugging Face directory."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from lorakit.tools.bench_serve_http import tiny_model
 
-    from lorakit.training.models import default_gguf_path
-
-    gguf = default_gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-                      tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return Path(tiny_model(directory, hidden_size=16, heads=2, kv_heads=1, max_positions=128))
 
 
 def make_data(path: Path, rows: int = 24) -> Path:

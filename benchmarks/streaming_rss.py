@@ -36,19 +36,9 @@ def write_jsonl(path: Path, megabytes: int) -> int:
 
 
 def tiny_model(directory: Path) -> None:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from lorakit.tools.bench_serve_http import tiny_model as build
 
-    from lorakit.training.models import default_gguf_path
-
-    gguf = default_gguf_path()
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(directory)
-    tok.save_pretrained(directory)
+    build(directory)
 
 
 def peak_rss_mb(command: list[str]) -> float:

@@ -167,8 +167,10 @@ class BenchServeLoadConfig:
     """Seed of the prompts and adapters."""
 
 
-def tiny_model(directory: Path) -> str:
-    """A random 2-layer Llama (hidden 64) with the default model's tokenizer, saved in `directory`."""
+def tiny_model(directory: Path, hidden_size: int = 64, heads: int = 4, kv_heads: int = 2,
+               max_positions: int = 512) -> str:
+    """A random 2-layer Llama (seed 0) with the default model's tokenizer, saved in `directory` (benchmarks
+    that must not wait on the real model use it too)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -177,10 +179,10 @@ def tiny_model(directory: Path) -> str:
     gguf = default_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=max_positions, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     LlamaForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return str(directory)

@@ -201,14 +201,19 @@ def checkpoint_dirs(draw) -> tuple[dict[str, bytes], bool]:
     return files, draw(st.booleans())
 
 
+def write_files(root: Path, files: dict[str, bytes]) -> Path:
+    """Write a checkpoint directory's files under `root`; returns its step-00000002 directory."""
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root / "step-00000002"
+
+
 def resume_from(case) -> None:
     files, resign = case
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
-        for name, data in files.items():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            (root / name).write_bytes(data)
-        step = root / "step-00000002"
+        step = write_files(root, files)
         if resign and step.is_dir():
             (step / checkpoint.CHECKSUMS).write_text(json.dumps(checkpoint.file_checksums(step)))
         path, notes = checkpoint.resumable_checkpoint(root)
@@ -267,10 +272,7 @@ def test_inconsistent_checkpoints_are_refused(change):
     files = {**VALID_CHECKPOINT, **change}
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
-        for name, data in files.items():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            (root / name).write_bytes(data)
-        step = root / "step-00000002"
+        step = write_files(root, files)
         (step / checkpoint.CHECKSUMS).write_text(json.dumps(checkpoint.file_checksums(step)))  # consistent on disk
         path, notes = checkpoint.resumable_checkpoint(root)
         assert path == step

@@ -69,7 +69,8 @@ def quantizable_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
             if type(module) is nn.Linear and module is not head and layer_index(name, None) is not None]
 
 
-def quantize_model(model: nn.Module, mode: str, compute_dtype: torch.dtype | None = None) -> nn.Module:
+def quantize_model(model: nn.Module, mode: str, compute_dtype: torch.dtype | None = None,
+                   quant_storage: torch.dtype = torch.uint8) -> nn.Module:
     """Replace the frozen linear layers of the transformer blocks by bitsandbytes 4-bit or 8-bit layers, in place.
 
     Quantize the base before adding adapters: LoRA then wraps the quantized layers, and its factors
@@ -80,6 +81,9 @@ def quantize_model(model: nn.Module, mode: str, compute_dtype: torch.dtype | Non
         mode: "nf4" (4-bit NormalFloat, double-quantized scales), "int8" (LLM.int8()), or "none".
         compute_dtype: dtype the quantized layers compute in (bf16 / fp16 / fp32); None: each layer's
             current weight dtype. It is also the dtype `dequantize_model` gives back.
+        quant_storage: the dtype NF4's packed codes are stored in: uint8 (two codes a byte), or a float
+            dtype (the same bits viewed as floats) so that FSDP, which shards and gathers floating
+            parameters, can shard them (FSDP-QLoRA; `--shard fsdp` passes the compute dtype).
 
     Returns:
         The same model object.
@@ -111,24 +115,30 @@ def quantize_model(model: nn.Module, mode: str, compute_dtype: torch.dtype | Non
     names = [name for name, _ in targets]
     del targets  # no reference left: each full-precision weight is freed as soon as its layer is replaced
     for name in names:
-        model.set_submodule(name, _quantized_linear(bnb, model.get_submodule(name), mode, compute_dtype))
+        model.set_submodule(name, _quantized_linear(bnb, model.get_submodule(name), mode, compute_dtype,
+                                                    quant_storage))
     _release_freed_memory()
     return model
 
 
-def _quantized_linear(bnb, linear: nn.Linear, mode: str, compute_dtype: torch.dtype | None) -> nn.Module:
+def _quantized_linear(bnb, linear: nn.Linear, mode: str, compute_dtype: torch.dtype | None,
+                      quant_storage: torch.dtype) -> nn.Module:
     """The bitsandbytes layer holding `linear`'s weight in `mode`, and its bias in the compute dtype, frozen."""
     dtype = compute_dtype or linear.weight.dtype
     if mode == "nf4":
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                  compute_dtype=dtype, compress_statistics=True, quant_type="nf4", device="meta")
+                                  compute_dtype=dtype, compress_statistics=True, quant_type="nf4",
+                                  quant_storage=quant_storage, device="meta")
         # On CPUs with AVX512-BF16 bitsandbytes would repack the weight at the first eval-mode forward
         # into a layout whose matmul has no backward (and which fails for d_in < 64): keep one layout,
         # so training after an evaluation gets its gradients.
         layer.support_avx512bf16_for_cpu = False
-        # .to(device) quantizes: (d_out, d_in) -> packed 4-bit codes (d_out * d_in / 2, 1) + quant_state
+        # .to(device) quantizes: (d_out, d_in) -> packed 4-bit codes (d_out * d_in / 2 bytes, as
+        # (bytes / itemsize of quant_storage, 1)) + quant_state, which it also leaves on the layer: FSDP's
+        # gathered weight is a plain tensor, and bitsandbytes' forward re-attaches the state from there.
         layer.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, compress_statistics=True,
-                                         quant_type="nf4", module=layer).to(linear.weight.device)
+                                         quant_type="nf4", quant_storage=quant_storage,
+                                         module=layer).to(linear.weight.device)
     else:
         layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                     has_fp16_weights=False, threshold=INT8_THRESHOLD, device="meta")

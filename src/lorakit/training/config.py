@@ -175,6 +175,9 @@ class TrainConfig:
         if others:
             raise LorakitError(f"--shard fsdp trains {', '.join(SHARDED_METHODS)}; not {', '.join(others)}. "
                                "Use one of those methods, or --shard none.")
+        if self.quantize == "int8":
+            raise LorakitError("--shard fsdp shards floating parameters, and int8 weights are not; use --quantize nf4 "
+                               "(its 4-bit codes are stored in the compute dtype for FSDP) or --shard none.")
         if self.preserve > 0 or self.max_forgetting > 0:
             raise LorakitError("--preserve and --max-forgetting are not available with --shard fsdp yet; "
                                "drop them or use --shard none.")

@@ -158,7 +158,8 @@ def setup_run(cfg: TrainConfig, world: World, started: float) -> Run:
         loaded = load_model(cfg.model, device=world.device, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
                             empty=lean)
     # Before the 'before' measurement, so that before and after are measured on the same (quantized) base.
-    quantize_model(loaded.model, cfg.quantize, dtype)
+    # FSDP shards floating parameters only: 4-bit codes then live in the compute dtype's bits (FSDP-QLoRA).
+    quantize_model(loaded.model, cfg.quantize, dtype, quant_storage=dtype if cfg.shard == "fsdp" else torch.uint8)
     data = load_datasets(cfg, loaded.tokenizer, world.size)
     run = Run(cfg, world, Path(cfg.output), loaded.model, loaded.tokenizer, loaded.source, dtype, data, started,
               weights_dir=loaded.directory if lean else None)

@@ -73,26 +73,27 @@ def mixed_precision(options: ShardOptions):
     return MixedPrecisionPolicy(param_dtype=options.compute_dtype, reduce_dtype=torch.float32)
 
 
-def check_quantized(model: nn.Module, device: torch.device) -> None:
-    """Refuse a bitsandbytes-quantized base: FSDP cannot shard it here.
+def check_quantized(model: nn.Module) -> None:
+    """Refuse a quantized base FSDP cannot shard: int8, or NF4 whose codes are stored as bytes.
+
+    FSDP shards and gathers floating parameters; NF4 codes stored in a float `quant_storage` dtype (the bits
+    of the packed codes viewed as floats, as FSDP-QLoRA does) are such parameters, and their quantization
+    state (block scales) stays whole on every rank. `--shard fsdp --quantize nf4` quantizes so.
 
     Raises:
-        LorakitError: a 4-bit/8-bit base (on the CPU, bitsandbytes cannot store it as FSDP needs; on CUDA,
-            lorakit does not yet build it that way).
+        LorakitError: an int8 base, or NF4 stored as uint8.
     """
     from lorakit.core.layers import is_quantized
 
-    if not any(is_quantized(m) for m in model.modules()):
-        return
-    if device.type != "cuda":
-        raise LorakitError(
-            "--shard fsdp with --quantize needs CUDA: FSDP can shard a bitsandbytes 4-bit base only when its "
-            "codes are stored in a float dtype (quant_storage, as FSDP-QLoRA does), which bitsandbytes' CPU "
-            "backend does not provide. On the CPU, train without --quantize, or with --quantize and no --shard.")
-    raise LorakitError(
-        "--shard fsdp with --quantize is not built yet: lorakit does not yet store 4-bit codes in a float "
-        "quant_storage dtype, which FSDP needs to shard them. Train with --quantize and no --shard, or --shard "
-        "fsdp without --quantize.")
+    for name, module in model.named_modules():
+        if not is_quantized(module):
+            continue
+        if not module.weight.dtype.is_floating_point:
+            kind = "NF4 codes stored as uint8" if module.weight.dtype == torch.uint8 else "an int8 base"
+            raise LorakitError(
+                f"--shard fsdp cannot shard {name} ({kind}): FSDP shards floating parameters only. Use "
+                "--quantize nf4 (lorakit then stores the 4-bit codes in the compute dtype, as FSDP-QLoRA does), "
+                "or quantize_model(..., quant_storage=<compute dtype>) when building the model yourself.")
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
@@ -128,7 +129,7 @@ def shard_model(model: nn.Module, world: World, options: ShardOptions) -> nn.Mod
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
-    check_quantized(model, world.device)
+    check_quantized(model)
     if world.device.type == "cpu":
         bound_cpu_heap()
     kwargs = {"mesh": device_mesh(world),

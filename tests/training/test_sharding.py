@@ -230,7 +230,8 @@ def test_lean_loading_reads_slices_by_checkpoint_name(tmp_path):
         (tmp_path / "nothing").mkdir()
         weight_files(tmp_path / "nothing")
     assert loads_lean("lora", True, "none") and not loads_lean("dora", True, "none")
-    assert not loads_lean("lora", "pissa", "none") and not loads_lean("lora", True, "nf4")
+    assert not loads_lean("lora", "pissa", "none") and not loads_lean("lora", True, "int8")
+    assert loads_lean("lora", True, "nf4")
 
 
 def test_dora_loads_whole_then_shards_and_matches_one_process(tiny_model_dir, task_files, tmp_path):

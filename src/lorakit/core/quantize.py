@@ -89,9 +89,10 @@ def quantize_model(model: nn.Module, mode: str, compute_dtype: torch.dtype | Non
         The same model object.
 
     Raises:
-        LorakitError: an unknown mode, a model that already has LoRA layers, a model on the meta
+        LorakitError: an unknown mode, a model that already has LoRA layers, int8 for a model on the meta
             device, one without linear layers in numbered blocks, or NF4 on the CPU for a layer whose
-            in_features is not a multiple of 64.
+            in_features is not a multiple of 64. (NF4 on the meta device gives empty layers of the
+            packed shape, without scales: `fill_nf4_layer` quantizes their weights later.)
     """
     check_mode(mode)
     if mode == "none":
@@ -103,11 +104,13 @@ def quantize_model(model: nn.Module, mode: str, compute_dtype: torch.dtype | Non
     if not targets:
         raise LorakitError(f"{type(model).__name__} has no nn.Linear inside numbered transformer blocks "
                            "(e.g. model.layers.0.mlp.up_proj) to quantize; --quantize supports transformer LMs.")
-    if any(m.weight.device.type == "meta" for _, m in targets):
-        raise LorakitError("cannot quantize a model on the meta device; load its weights first.")
+    if any(m.weight.device.type == "meta" for _, m in targets) and mode != "nf4":
+        raise LorakitError("cannot quantize a model on the meta device to int8; load its weights first.")
     # bitsandbytes' CPU NF4 kernel (0.50) reads the block scales per row: rows whose length is not a
     # multiple of the block size come back wrong (measured: relative error 0.2-0.8 instead of 0.09).
-    short = [(n, m.in_features) for n, m in targets if m.weight.device.type == "cpu" and m.in_features % NF4_BLOCK]
+    # (A meta model is checked too: it is filled on the CPU or the GPU later, and real models pass anyway.)
+    short = [(n, m.in_features) for n, m in targets
+             if m.weight.device.type in ("cpu", "meta") and m.in_features % NF4_BLOCK]
     if mode == "nf4" and short:
         raise LorakitError(f"NF4 on the CPU needs in_features divisible by {NF4_BLOCK}; {short[0][0]} has "
                            f"{short[0][1]}. Use --quantize int8, or a CUDA device.")
@@ -133,6 +136,11 @@ def _quantized_linear(bnb, linear: nn.Linear, mode: str, compute_dtype: torch.dt
         # into a layout whose matmul has no backward (and which fails for d_in < 64): keep one layout,
         # so training after an evaluation gets its gradients.
         layer.support_avx512bf16_for_cpu = False
+        if linear.weight.device.type == "meta":  # shape only; fill_nf4_layer quantizes the weight later
+            packed = torch.empty(packed_rows(linear, quant_storage), 1, dtype=quant_storage, device="meta")
+            layer.weight = bnb.nn.Params4bit(packed, requires_grad=False, compress_statistics=True, quant_type="nf4",
+                                             quant_storage=quant_storage, module=layer, bnb_quantized=True)
+            return _with_bias(layer, linear, dtype)
         # .to(device) quantizes: (d_out, d_in) -> packed 4-bit codes (d_out * d_in / 2 bytes, as
         # (bytes / itemsize of quant_storage, 1)) + quant_state, which it also leaves on the layer: FSDP's
         # gathered weight is a plain tensor, and bitsandbytes' forward re-attaches the state from there.
@@ -146,9 +154,34 @@ def _quantized_linear(bnb, linear: nn.Linear, mode: str, compute_dtype: torch.dt
         layer.weight = bnb.nn.Int8Params(linear.weight.data.cpu(), requires_grad=False,
                                          has_fp16_weights=False).to(linear.weight.device)
         layer.compute_dtype = dtype  # Linear8bitLt has no such field; dequantize_linear reads it
+    return _with_bias(layer, linear, dtype)
+
+
+def _with_bias(layer: nn.Module, linear: nn.Linear, dtype: torch.dtype) -> nn.Module:
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.data.to(dtype), requires_grad=False)
     return layer
+
+
+def packed_rows(linear: nn.Module, quant_storage: torch.dtype) -> int:
+    """Rows of the (rows, 1) tensor that holds a layer's NF4 codes: two codes a byte, viewed as quant_storage."""
+    return linear.in_features * linear.out_features // 2 // torch.empty(0, dtype=quant_storage).element_size()
+
+
+def is_nf4_layer(module: nn.Module) -> bool:
+    """A bitsandbytes 4-bit linear layer (also once FSDP has replaced its weight by a plain sharded one)."""
+    return type(module).__name__ == "Linear4bit"
+
+
+def fill_nf4_layer(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """Quantize `weight` (d_out, d_in) as `quantize_model` would for `layer`; set the layer's block scales and
+    return the packed codes, (packed_rows, 1) in the layer's quant_storage, for the caller to place (a rank
+    keeps only its rows of them under FSDP)."""
+    functional = _bitsandbytes().functional
+    packed, state = functional.quantize_4bit(weight, blocksize=NF4_BLOCK, compress_statistics=True, quant_type="nf4",
+                                             quant_storage=layer.quant_storage)
+    layer.quant_state = state  # where bitsandbytes' forward finds it when FSDP's gathered weight lacks it
+    return packed
 
 
 def _release_freed_memory() -> None:

@@ -7,8 +7,10 @@
                                never read); LoRA factors are initialized from the run's seed, identically
                                on every rank and as an unsharded run initializes them
 
-Only plain LoRA loads this way (its initial factors do not depend on the base); DoRA and PiSSA, whose
-initialization reads the base weights, and quantized bases load whole and are sharded after.
+Plain LoRA loads this way (its initial factors do not depend on the base), over a full-precision or an NF4
+base: an NF4 layer is built empty with its packed shape, and each process reads the whole of one weight
+at a time, quantizes it, keeps its own rows of the codes and the (small) block scales. DoRA and PiSSA,
+whose initialization reads the base weights, and int8 bases load whole and are sharded after.
 """
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 
 def loads_lean(method: str, init_lora_weights, quantize: str) -> bool:
     """Whether a --shard fsdp run loads its base shard by shard: plain LoRA with a data-independent init on
-    an unquantized base."""
-    return method == "lora" and init_lora_weights in (True, "gaussian") and quantize == "none"
+    an unquantized or NF4 base."""
+    return method == "lora" and init_lora_weights in (True, "gaussian") and quantize in ("none", "nf4")
 
 
 def weight_files(directory: Path) -> dict[str, Path]:
@@ -66,6 +68,7 @@ def load_shards(model: nn.Module, directory: Path, device: torch.device, seed: i
     from safetensors import safe_open
 
     from lorakit.core.layers import LoraLayer
+    from lorakit.core.quantize import fill_nf4_layer, is_nf4_layer
     from lorakit.training.sharding import full_trainable
 
     buffers = {name: b.clone() for name, b in model.named_buffers()}   # real already; to_empty would wipe them
@@ -74,14 +77,17 @@ def load_shards(model: nn.Module, directory: Path, device: torch.device, seed: i
         b.copy_(buffers[name])
     files = weight_files(directory)
     handles: dict[Path, object] = {}
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            continue
+    for owner, name, param in frozen_parameters(model):
         key = checkpoint_name(name, files)
         if files[key] not in handles:
             handles[files[key]] = safe_open(str(files[key]), framework="pt")
         local = param.to_local() if hasattr(param, "to_local") else param
-        local.copy_(rows(handles[files[key]].get_slice(key), param, local))
+        if is_nf4_layer(owner) and name.endswith(".weight"):  # one whole weight, quantized, then our rows
+            full = handles[files[key]].get_tensor(key).to(device=device, dtype=owner.compute_dtype)
+            local.copy_(rows(fill_nf4_layer(owner, full), param, local))
+            del full
+        else:
+            local.copy_(rows(handles[files[key]].get_slice(key), param, local))
     # The same seed and the same layer order as apply() on an unsharded model: the same factors.
     torch.manual_seed(seed)
     with full_trainable(model):
@@ -89,6 +95,17 @@ def load_shards(model: nn.Module, directory: Path, device: torch.device, seed: i
             if isinstance(module, LoraLayer):
                 for name in module.adapter_names():
                     module.init_factors(name, init_lora_weights)
+
+
+def frozen_parameters(model: nn.Module):
+    """(owning module, full name, parameter) of every frozen parameter, a tied one once (under its first name,
+    as `named_parameters` gives it)."""
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad and id(param) not in seen:
+                seen.add(id(param))
+                yield module, f"{module_name}.{name}" if module_name else name, param
 
 
 def rows(view, param, local: torch.Tensor) -> torch.Tensor:

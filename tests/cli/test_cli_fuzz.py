@@ -93,9 +93,11 @@ def test_inconsistent_factor_shapes_are_refused(command, config, weights, capsys
     assert code == 1 and f"lorakit {command}: error:" in err
 
 
-@pytest.mark.parametrize("command", ["bench infer", "bench train", "bench serve", "train"])
-def test_a_device_that_is_not_a_device_name_is_refused(command, capsys):  # was: RuntimeError from torch.device
-    assert run_cli([*command.split(), "--device", "[None, 4778120]", "--model", "/nonexistent/model"]) == 1
+@pytest.mark.parametrize("command, device", [("bench infer", "[None, 4778120]"), ("bench train", "[None, 4778120]"),
+                                             ("bench serve", "[None, 4778120]"), ("train", "[None, 4778120]"),
+                                             ("serve", "-1")])
+def test_a_device_that_is_not_a_device_name_is_refused(command, device, capsys):  # was: RuntimeError (torch.device)
+    assert run_cli([*command.split(), "--device", device, "--model", "/nonexistent/model"]) == 1
     assert "is not a device name" in capsys.readouterr().err
 
 

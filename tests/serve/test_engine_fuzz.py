@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 from fuzzing import adapter_dir_cases, adapter_files
 from hypothesis import given
 from hypothesis import strategies as st
@@ -53,3 +54,19 @@ def test_fuzz_engine_load_adapter(engine_with_good_adapter, valid_files, data):
             assert out.finish_reason == "length" and len(out.token_ids) == 3
             engine.unload_adapter("fuzzed")
     assert engine.generate([Request(PROMPT, adapter="good", params=GREEDY)])[0].token_ids == good_tokens
+
+
+# ---- regressions: each ended in another exception before (found by the fuzzing above) -------------------
+def test_a_factor_that_is_not_a_matrix_is_refused(engine_with_good_adapter, valid_files, tmp_path):
+    """was: IndexError (a 0-d lora_A)."""
+    from safetensors.torch import load, save
+
+    engine, good_tokens = engine_with_good_adapter
+    tensors = load(valid_files[1])
+    key = next(k for k in tensors if "lora_A" in k)
+    tensors[key] = torch.tensor(1.0)
+    (tmp_path / CONFIG_NAME).write_bytes(valid_files[0])
+    (tmp_path / WEIGHTS_NAME).write_bytes(save(tensors))
+    with pytest.raises(lorakit.LorakitError, match="the adapter was trained on another base model"):
+        engine.load_adapter("scalar", tmp_path)
+    assert engine.adapters == ["good"]

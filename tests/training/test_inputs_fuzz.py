@@ -256,6 +256,17 @@ def test_bad_data_files_are_refused_by_name(suffix, data, message, smollm_tokeni
         read_records(str(path), None, DataOptions())
 
 
+@pytest.mark.parametrize("tools", [[None], "[1]", [{"type": "function"}, 3]])
+def test_tools_that_are_not_schemas_are_refused(tools, smollm_tokenizer, tmp_path):  # was: ValueError (transformers)
+    row = {"messages": [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris"}],
+           "tools": tools}
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(lorakit.LorakitError, match="'tools' must be a list of JSON objects"):
+        records, fmt = read_records(str(path), None, DataOptions())
+        tokenize_records(records, smollm_tokenizer, fmt, 64, truncate=True, train_on_prompt=False, source=path)
+
+
 def test_deeply_nested_yaml_is_refused(tmp_path):  # was: RecursionError
     path = tmp_path / "c.yaml"
     path.write_text("r: " + "[" * 5000 + "]" * 5000 + "\n")

@@ -107,7 +107,7 @@ def _module_factors(name: str, parts: dict, shape: tuple[int, int], config: Lora
     if "A" not in parts or "B" not in parts:
         raise LorakitError(f"{source}: module {name} has only {sorted(parts)} of lora_A/lora_B; the file is incomplete.")
     A, B = parts["A"].float(), parts["B"].float()
-    r = A.shape[0]
+    r = A.shape[0] if A.dim() == 2 else "r"
     if A.dim() != 2 or B.dim() != 2 or A.shape[1] != d_in or tuple(B.shape) != (d_out, r):
         raise LorakitError(f"{source}: module {name} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, but this "
                            f"base needs ({r}, {d_in}) and ({d_out}, {r}); the adapter was trained on another base model.")

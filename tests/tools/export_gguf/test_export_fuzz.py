@@ -43,3 +43,21 @@ def test_fuzz_export_gguf(tiny_gguf, valid_files, data):
         reader = GGUFReader(result.gguf_file)
         names = [t.name for t in reader.tensors]
         assert names and all(n.endswith((".lora_a", ".lora_b")) for n in names)
+
+
+# ---- regressions: each ended in another exception before (found by the fuzzing above) -------------------
+def test_a_config_without_lora_alpha_exports_with_peft_default(tiny_gguf, valid_files, tmp_path):
+    """was: KeyError 'lora_alpha'. PEFT reads a missing lora_alpha as 8; so do lorakit's loader and export."""
+    import json
+
+    from gguf import GGUFReader
+
+    config = json.loads(valid_files[0])
+    del config["lora_alpha"]
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / CONFIG_NAME).write_text(json.dumps(config))
+    (adapter / WEIGHTS_NAME).write_bytes(valid_files[1])
+    result = export_gguf(adapter, tmp_path / "gguf", outtype="f32", model=str(tiny_gguf))
+    alpha = GGUFReader(result.gguf_file).fields["adapter.lora.alpha"]
+    assert float(alpha.parts[alpha.data[0]][0]) == 8.0

@@ -55,12 +55,11 @@ def build_app(engine: Any, cfg: ServeConfig, base_name: str | None = None):
 
 def load_engine(cfg: ServeConfig):
     """The engine on cfg.model with cfg's adapters loaded (not yet started)."""
-    import torch
 
     from lorakit.serve import Engine, EngineConfig
-    from lorakit.training.models import compute_dtype, default_device
+    from lorakit.training.models import as_device, compute_dtype, default_device
 
-    device = torch.device(cfg.device) if cfg.device else default_device()
+    device = as_device(cfg.device) if cfg.device else default_device()
     engine_cfg = EngineConfig(max_batch_size=cfg.max_batch_size, max_seq_len=cfg.max_seq_len,
                               max_loaded_adapters=cfg.max_loaded_adapters)
     engine = Engine.from_pretrained(cfg.model, engine_cfg, dtype=compute_dtype(cfg.precision, device), device=str(device))

@@ -61,6 +61,7 @@ def export_gguf(source: str | Path, output: str | Path, merged: bool = False, ou
         LorakitError: an adapter llama.cpp cannot represent (the message names --merged), a model lorakit
             cannot export, or files that cannot be read.
     """
+    from lorakit.core.config import LoraConfig
     from lorakit.core.fsutil import atomic_directory, atomic_write_text
     from lorakit.core.io import read_config_json
     from lorakit.methods.combine import load, merge_and_unload, parts_of
@@ -92,7 +93,9 @@ def export_gguf(source: str | Path, output: str | Path, merged: bool = False, ou
                              hf_dir=base_path if kind == "hf" else None, tokenizer_pre=tokenizer_pre,
                              permute_qk=permute_qk)
         else:
-            name, base, alpha = f"adapter-{outtype}.gguf", str(base_path), float(configs[0]["lora_alpha"])
+            # PEFT's default when the file leaves lora_alpha out (LoraConfig reads it as load() did)
+            alpha = float(LoraConfig.from_dict(configs[0], source=str(adapter_dir)).lora_alpha)
+            name, base = f"adapter-{outtype}.gguf", str(base_path)
             pairs = adapter_pairs(loaded.model, config, arch, alpha, base_tensors, permute_qk)
             write_gguf(tmp / name, arch_name(arch), pairs, outtype, add_metadata=adapter_metadata(alpha))
         text = modelfile_text(base or f"./{name}", f"./{name}" if base else None, loaded.tokenizer.chat_template)

@@ -140,8 +140,12 @@ def check_tools_rendered(tokenizer: Any, messages: list[dict], tools: list | Non
     training on it would teach the turn without the call.
 
     Raises:
-        LorakitError: the template renders the same text with and without them.
+        LorakitError: a 'tools' field that is not a list of JSON objects, or a template that renders the
+            same text with and without them.
     """
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise LorakitError(f"a record's 'tools' must be a list of JSON objects (function schemas, as in OpenAI's "
+                           f"API), got {str(tools)[:80]}; fix the record or drop its 'tools' field.")
     calls = [i for i, m in enumerate(messages) if m.get("tool_calls")]
     bare = [{k: v for k, v in m.items() if k != "tool_calls"} for m in messages]
     if calls and render(tokenizer, messages, tools) == render(tokenizer, bare, tools):

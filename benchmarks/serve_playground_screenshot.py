@@ -22,7 +22,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--adapter", default=None)
     parser.add_argument("--name", default=None)
-    parser.add_argument("--prompt", default="Sarah Wang wants 12 yellow benches delivered to Tokyo before November 7.")
+    parser.add_argument("--prompt", default="Convert the order note to an order record.\n\n"
+                        "Sarah Wang wants 12 yellow benches delivered to Tokyo before November 7.")  # the task's form
     parser.add_argument("--out", default="docs/serve-playground.png")
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright

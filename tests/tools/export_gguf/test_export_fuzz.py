@@ -61,3 +61,18 @@ def test_a_config_without_lora_alpha_exports_with_peft_default(tiny_gguf, valid_
     result = export_gguf(adapter, tmp_path / "gguf", outtype="f32", model=str(tiny_gguf))
     alpha = GGUFReader(result.gguf_file).fields["adapter.lora.alpha"]
     assert float(alpha.parts[alpha.data[0]][0]) == 8.0
+
+
+@pytest.mark.parametrize("field, value", [("modules_to_save", True), ("use_dora", "yes"), ("bias", 3)])
+def test_config_fields_of_the_wrong_type_are_refused(field, value, tiny_gguf, valid_files, tmp_path):
+    """was: TypeError (modules_to_save: true). The config's fields are checked as lorakit's loader checks them."""
+    import json
+
+    config = {**json.loads(valid_files[0]), field: value}
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / CONFIG_NAME).write_text(json.dumps(config))
+    (adapter / WEIGHTS_NAME).write_bytes(valid_files[1])
+    with pytest.raises(lorakit.LorakitError, match=f"{field}=.* is invalid"):
+        export_gguf(adapter, tmp_path / "gguf", outtype="f32", model=str(tiny_gguf))
+    assert not (tmp_path / "gguf").exists()

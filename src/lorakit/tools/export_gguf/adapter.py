@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.core.config import LoraConfig
 from lorakit.core.errors import LorakitError
 from lorakit.tools.export_gguf.names import Arch, TensorNames
 from lorakit.tools.export_gguf.permute import to_llama_cpp_rows
@@ -36,14 +37,15 @@ def check_adapter_config(parts: list[tuple[str, Path]], configs: list[dict[str, 
     if config.get("peft_type") != "LORA":
         raise LorakitError(f"the adapter is {name} ({config.get('peft_type')}); llama.cpp's adapters are LoRA "
                            f"only: {MERGED_HINT}.")
-    if config.get("use_dora"):
+    lora = LoraConfig.from_dict(config, source=str(parts[0][1]))  # field types checked as load() checks them
+    if lora.use_dora:
         raise LorakitError(f"the adapter is DoRA, whose per-row magnitudes llama.cpp's LoRA files cannot hold: "
                            f"{MERGED_HINT}.")
-    if config.get("modules_to_save"):
-        raise LorakitError(f"the adapter trains whole modules ({', '.join(config['modules_to_save'])}, "
+    if lora.modules_to_save:
+        raise LorakitError(f"the adapter trains whole modules ({', '.join(lora.modules_to_save)}, "
                            f"modules_to_save), which a llama.cpp LoRA file cannot hold: {MERGED_HINT}.")
-    if config.get("bias", "none") != "none":
-        raise LorakitError(f"the adapter trains biases (bias={config['bias']!r}), which a llama.cpp LoRA file "
+    if lora.bias != "none":
+        raise LorakitError(f"the adapter trains biases (bias={lora.bias!r}), which a llama.cpp LoRA file "
                            f"cannot hold: {MERGED_HINT}.")
 
 

@@ -9,7 +9,7 @@ mkdir -p "$out"
 .venv/bin/lorakit bench infer --json > "$out/infer_cpu.json"
 .venv/bin/python - <<'PY'
 import json
-from lorakit.bench import train_table
+from lorakit.tools.bench import train_table
 r = json.load(open("benchmarks/results/train_cpu.json"))
 print(train_table(r["configs"]))
 i = json.load(open("benchmarks/results/infer_cpu.json"))

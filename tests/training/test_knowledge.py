@@ -16,10 +16,14 @@ from lorakit.training.knowledge import (
     compare_behaviour,
     kl_to_base,
     load_trainable_state,
+    chat_preservation_pieces,
     preservation_texts,
+    render_instruction,
     token_agreement,
     trainable_state,
 )
+from lorakit.training.generation import generate_ids
+from lorakit.training.preserve_prompts import preservation_instructions
 from lorakit.training.tasks import forgetting_probe_texts
 from lorakit.training.ticket_task import LABELS, ticket_task
 
@@ -70,12 +74,35 @@ def test_kl_is_zero_at_the_base_and_adapters_come_back_on():
 def test_preservation_text_is_not_the_probe_text(smollm_tokenizer):
     probe, preserve = set(forgetting_probe_texts()), preservation_texts()
     assert len(preserve) > 50 and not probe & set(preserve)
-    loss = PreservationLoss(smollm_tokenizer, weight=0.5, batch_size=3)
-    ids, mask = loss.batch(7, torch.device("cpu"))
-    assert ids.shape[0] == 3 and mask.sum() > 3
-    assert torch.equal(loss.batch(7, torch.device("cpu"))[0], ids)  # a resumed run sees the same batch
+    instructions = preservation_instructions()
+    assert len(set(instructions)) == len(instructions) >= 90 and not set(instructions) & set(GENERAL_INSTRUCTIONS)
+    chat = [[1, 2, 3, 4], [5, 6, 7], [8, 9]]
+    loss = PreservationLoss(smollm_tokenizer, weight=0.5, chat_pieces=chat, prose_rows=1, chat_rows=2)
+    ids, mask = loss.batch(1, torch.device("cpu"))
+    assert ids.shape[0] == 3 and mask[0].sum() > 4  # one prose piece, then two answers
+    assert ids[1, :2].tolist() == [8, 9] and ids[2, :4].tolist() == [1, 2, 3, 4]  # step 1: answers 2 and 0
+    assert mask[1].sum() == 2 and mask[2].sum() == 4
+    assert torch.equal(loss.batch(1, torch.device("cpu"))[0], ids)  # a resumed run sees the same batch
     with pytest.raises(LorakitError, match="--preserve"):
         PreservationLoss(smollm_tokenizer, weight=-1)
+
+
+def test_chat_preservation_answers_are_the_bases(tiny_model_dir, smollm_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).float()
+    model = lorakit.apply(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    randomize_lora(model, scale=0.5)
+    pieces = chat_preservation_pieces(model, smollm_tokenizer, torch.device("cpu"), max_new_tokens=6)
+    prompts = [render_instruction(smollm_tokenizer, q) for q in preservation_instructions()]
+    assert len(pieces) == len(prompts)
+    expected = generate_ids(base, smollm_tokenizer, prompts[:8], torch.device("cpu"), max_new_tokens=6)
+    adapted = generate_ids(model, smollm_tokenizer, prompts[:8], torch.device("cpu"), max_new_tokens=6)
+    assert expected != adapted  # B != 0: the adapted model answers differently, so the check can fail
+    for prompt, piece, answer in zip(prompts, pieces, expected):
+        prompt_ids = smollm_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        assert piece == prompt_ids + answer and 1 <= len(answer) <= 6
+    assert model(input_ids=input_ids()).logits.requires_grad  # adapters back on after the answers
 
 
 def test_guard_keeps_the_best_task_loss_within_budget():

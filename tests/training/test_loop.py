@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from lorakit.cli.args import parse_config
 from lorakit.cli.main import main
-from lorakit.training.config import TrainConfig
+from lorakit.core.errors import LorakitError
+from lorakit.training.config import DEFAULT_PRESERVE, TrainConfig
 from lorakit.training.config_file import load_config
 
 FAST = ["--eval-samples", "4", "--max-new-tokens", "8", "--precision", "fp32", "--warmup-steps", "1"]
@@ -258,3 +259,11 @@ def test_builtin_ticket_task_is_selectable():
     assert cfg.task == "tickets" and cfg.preserve == 0.1
     with pytest.raises(SystemExit):
         parse_config(TrainConfig, ["--task", "nope"], prog="lorakit train")
+
+
+def test_preservation_is_on_by_default_except_under_fsdp():
+    assert parse_config(TrainConfig, [], prog="lorakit train").preserve == DEFAULT_PRESERVE > 0
+    assert parse_config(TrainConfig, ["--preserve", "0"], prog="lorakit train").preserve == 0
+    assert TrainConfig(shard="fsdp").preserve == 0  # not supported there yet: off rather than refused
+    with pytest.raises(LorakitError, match="--preserve 0"):
+        TrainConfig(shard="fsdp", preserve=0.5)

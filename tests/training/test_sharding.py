@@ -19,8 +19,9 @@ from lorakit.core.errors import LorakitError
 from lorakit.training.config import TrainConfig
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+# --preserve 0: --shard fsdp runs without preservation, so the single-process runs they match do too
 COMMON = ["--eval-samples", "0", "--max-new-tokens", "8", "--precision", "fp32", "--warmup-steps", "1",
-          "--lr", "1e-2", "--quiet"]
+          "--lr", "1e-2", "--quiet", "--preserve", "0"]
 TIMEOUT = 300  # seconds for any one launch: a hang fails the test instead of stalling the suite
 
 

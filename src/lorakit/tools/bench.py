@@ -59,6 +59,9 @@ class BenchTrainConfig(BenchModelOptions):
     """Adapter method of the lorakit and peft configurations: lora, or dora (PEFT's use_dora=True)."""
     quantize: Literal["none", "nf4", "int8"] = "none"
     """QLoRA: the lorakit configuration's frozen base in 4-bit NF4 or int8 (bitsandbytes)."""
+    profile: bool = False
+    """After timing, profile 3 more steps of each configuration (torch.profiler) and print where the time goes,
+    by operator category."""
 
 
 @dataclass
@@ -224,11 +227,16 @@ def run_one(name: str, cfg: BenchTrainConfig) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     step_s = statistics.median(times)  # robust to the odd stall of a shared machine
-    return {"tokens_per_s": cfg.batch_size * cfg.seq_len / step_s, "step_s": step_s,
-            "step_s_mean": statistics.fmean(times),
-            "peak_mem_bytes": max(setup_peak, peak_memory(device)),
-            "step_peak_mem_bytes": peak_memory(device) if step_peak_known else None,
-            "model_bytes": tensor_bytes(model)}
+    result = {"tokens_per_s": cfg.batch_size * cfg.seq_len / step_s, "step_s": step_s,
+              "step_s_mean": statistics.fmean(times),
+              "peak_mem_bytes": max(setup_peak, peak_memory(device)),
+              "step_peak_mem_bytes": peak_memory(device) if step_peak_known else None,
+              "model_bytes": tensor_bytes(model)}
+    if cfg.profile:  # after the timed steps, so the profiler's overhead never reaches step_s
+        from lorakit.tools.step_profile import profile_step
+
+        result["profile"] = profile_step(step, steps=3)
+    return result
 
 
 def run_limit(cfg: BenchTrainConfig, device: torch.device) -> dict:
@@ -321,8 +329,20 @@ def bench_train(cfg: BenchTrainConfig) -> dict:
 
     out["machine"] = autotune.machine_key()
     out["kernels"] = {entry: d.get("choice") for entry, d in autotune.decisions().items()}
-    print(json.dumps(out, indent=2) if cfg.json else train_table(results) + "\n\n" + kernel_lines(out))
+    print(json.dumps(out, indent=2) if cfg.json else train_table(results) + "\n\n" + kernel_lines(out)
+          + profile_lines(results))
     return out
+
+
+def profile_lines(results: dict[str, dict]) -> str:
+    """With --profile: where each configuration's step time goes, by operator category."""
+    from lorakit.tools.step_profile import breakdown_table
+
+    profiles = {name: r["profile"] for name, r in results.items() if "profile" in r}
+    if not profiles:
+        return ""
+    return ("\n\nwhere the time goes (torch.profiler self time per step, seconds and share; the profiler's "
+            "overhead included):\n" + breakdown_table(profiles))
 
 
 def kernel_lines(out: dict) -> str:

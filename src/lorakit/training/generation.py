@@ -18,25 +18,45 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
 
 
 @torch.no_grad()
-def generate(
+def generate_ids(
     model: nn.Module, tokenizer: Any, prompts: list[str], device: torch.device,
     max_new_tokens: int = 64, batch_size: int = 32,
-) -> list[str]:
-    """Greedy completions of already-rendered prompts, batched with left padding."""
+) -> list[list[int]]:
+    """Greedy continuations of already-rendered prompts as token ids, batched with left padding.
+
+    Each continuation ends at its first stop token (kept) or after `max_new_tokens`; padding is dropped.
+    """
     was_training = model.training
     model.eval()
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    outputs: list[str] = []
+    stops = stop_token_ids(tokenizer)
+    outputs: list[list[int]] = []
     try:
         for start in range(0, len(prompts), batch_size):
             enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
                             add_special_tokens=False).to(device)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(tokenizer))
-            new = out[:, enc["input_ids"].shape[1]:]
-            outputs += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
+            outputs += [until_stop(row.tolist(), stops) for row in out[:, enc["input_ids"].shape[1]:]]
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
     return outputs
+
+
+def until_stop(ids: list[int], stops: list[int]) -> list[int]:
+    """`ids` up to and including the first stop token (all of them if none)."""
+    for i, token in enumerate(ids):
+        if token in stops:
+            return ids[:i + 1]
+    return ids
+
+
+def generate(
+    model: nn.Module, tokenizer: Any, prompts: list[str], device: torch.device,
+    max_new_tokens: int = 64, batch_size: int = 32,
+) -> list[str]:
+    """Greedy completions of already-rendered prompts as text, batched with left padding."""
+    ids = generate_ids(model, tokenizer, prompts, device, max_new_tokens, batch_size)
+    return [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]

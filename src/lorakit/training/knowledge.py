@@ -3,9 +3,10 @@
 
 - Behaviour kept: greedy answers to `GENERAL_INSTRUCTIONS` before vs after; the share of answers left
   unchanged and the mean token-level agreement.
-- Preservation: KL(base || adapted) of next-token distributions on general text (stdlib docstrings of
-  other modules than the forgetting probe's), the base distribution from the same model with its
-  adapters switched off — no second copy of the model.
+- Preservation: KL(base || adapted) of next-token distributions on general text — stdlib docstrings of
+  other modules than the forgetting probe's, and the base's own answers to general instructions other
+  than the behaviour probe's — the base distribution from the same model with its adapters switched
+  off: no second copy of the model.
 - The guard: at probe points it records forgetting and the held-out task loss and keeps the best
   adapter state whose forgetting stays within budget.
 """
@@ -22,7 +23,8 @@ from torch import nn
 from lorakit.core.adapters import disable_adapters
 from lorakit.core.errors import LorakitError
 from lorakit.training.general_prompts import GENERAL_INSTRUCTIONS
-from lorakit.training.generation import generate
+from lorakit.training.generation import generate, generate_ids
+from lorakit.training.preserve_prompts import preservation_instructions
 from lorakit.training.tasks import (
     PRESERVE_MODULES,
     docstring_texts,
@@ -30,6 +32,7 @@ from lorakit.training.tasks import (
 )
 
 BEHAVIOUR_MAX_NEW_TOKENS = 32
+CHAT_ANSWER_TOKENS = 48  # the base's answers --preserve trains on: longer than the probe's, as they are never probed
 
 
 # ---- behaviour kept ----------------------------------------------------------------------------------
@@ -118,22 +121,38 @@ def kl_to_base(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
 
 
+def chat_preservation_pieces(model: nn.Module, tokenizer: Any, device: torch.device,
+                             max_new_tokens: int = CHAT_ANSWER_TOKENS) -> list[list[int]]:
+    """Each preservation instruction as a rendered user turn followed by the base model's own greedy answer
+    (adapters switched off), as token ids: the chat behaviour --preserve keeps."""
+    prompts = [render_instruction(tokenizer, q) for q in preservation_instructions()]
+    with disable_adapters(model):
+        answers = generate_ids(model, tokenizer, prompts, device, max_new_tokens)
+    return [tokenizer(p, add_special_tokens=False)["input_ids"] + a for p, a in zip(prompts, answers)]
+
+
 class PreservationLoss:
     """`weight` x KL to the base on one preservation micro-batch per optimizer step.
 
-    The micro-batch of step s is a deterministic function of s, so a resumed run sees the same ones.
+    Each micro-batch holds `prose_rows` pieces of general prose (`preservation_batches`) and `chat_rows`
+    general instructions answered by the base (`chat_preservation_pieces`): prose keeps the language
+    model, the answers keep the chat behaviour. The micro-batch of step s is a deterministic function of s,
+    so a resumed run sees the same ones.
     """
 
-    def __init__(self, tokenizer: Any, weight: float, batch_size: int = 2, seq_len: int = 128) -> None:
+    def __init__(self, tokenizer: Any, weight: float, chat_pieces: list[list[int]] | None = None,
+                 prose_rows: int = 1, chat_rows: int = 2, seq_len: int = 128) -> None:
         if weight < 0 or not math.isfinite(weight):
             raise LorakitError(f"--preserve must be a finite weight >= 0, got {weight}.")
-        self.weight, self.batch_size = weight, batch_size
-        self.pieces = preservation_batches(tokenizer, seq_len)
+        self.weight = weight
+        self.sources = [(preservation_batches(tokenizer, seq_len), prose_rows)]
+        if chat_pieces and chat_rows:
+            self.sources.append(([piece[:seq_len] for piece in chat_pieces], chat_rows))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def batch(self, step: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask) of step `step`, right-padded."""
-        chosen = [self.pieces[(step * self.batch_size + i) % len(self.pieces)] for i in range(self.batch_size)]
+        chosen = [pieces[(step * rows + i) % len(pieces)] for pieces, rows in self.sources for i in range(rows)]
         width = max(map(len, chosen))
         ids = torch.full((len(chosen), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(chosen), width), dtype=torch.long)

@@ -40,6 +40,7 @@ from lorakit.training.evaluate import EvalResult, evaluate, mean_loss, text_perp
 from lorakit.training.knowledge import (
     ForgettingGuard,
     PreservationLoss,
+    chat_preservation_pieces,
     load_trainable_state,
     trainable_state,
 )
@@ -214,7 +215,8 @@ def build_trainer(run: Run) -> Trainer:
     scaler = torch.amp.GradScaler(world.device.type) if run.dtype == torch.float16 else None
     trainer = Trainer(methods, optimizer, scheduler, step_module, scaler, plan, total_steps, counts)
     if cfg.preserve > 0:
-        trainer.preserve = PreservationLoss(run.tokenizer, cfg.preserve)
+        chat = chat_preservation_pieces(run.model, run.tokenizer, world.device)
+        trainer.preserve = PreservationLoss(run.tokenizer, cfg.preserve, chat)
     return trainer
 
 

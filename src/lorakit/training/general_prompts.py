@@ -2,8 +2,9 @@
 
 Facts, arithmetic, short writing and everyday reasoning; none is about an order note, a record format or
 a support ticket (the built-in tasks). The behaviour probe asks each one greedily before and after a
-fine-tune and counts the answers that stayed the same. They are never trained on, and the preservation
-text (`lorakit.training.knowledge.preservation_texts`) is drawn from elsewhere.
+fine-tune and counts the answers that stayed the same. They are never trained on: --preserve's prose
+(`lorakit.training.knowledge.preservation_texts`) and instructions (`lorakit.training.preserve_prompts`)
+are other texts (tested).
 """
 from __future__ import annotations
 

@@ -32,7 +32,8 @@ from lorakit.training.tasks import (
 )
 
 BEHAVIOUR_MAX_NEW_TOKENS = 32
-CHAT_ANSWER_TOKENS = 48  # the base's answers --preserve trains on: longer than the probe's, as they are never probed
+# --preserve's chat half: the base's answers up to 48 tokens, past the probe's 32, where answers drift most
+CHAT_ANSWER_TOKENS = 48
 
 
 # ---- behaviour kept ----------------------------------------------------------------------------------

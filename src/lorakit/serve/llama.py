@@ -76,7 +76,7 @@ class _Layer:
     input_norm: Callable[[torch.Tensor], torch.Tensor]
     post_norm: Callable[[torch.Tensor], torch.Tensor]
     act: nn.Module
-    weights: dict[str, torch.Tensor]  # group -> fused (d_out, d_in)
+    weights: dict[str, torch.Tensor]  # group -> fused and transposed (d_in, d_out)
     biases: dict[str, torch.Tensor | None]
 
 
@@ -138,11 +138,13 @@ class LlamaRunner:
         weights, biases = {}, {}
         for group, (parent, names) in GROUPS.items():
             modules = [getattr(getattr(layer, parent), name) for name in names]
-            fused = torch.cat([m.weight for m in modules]) if len(modules) > 1 else modules[0].weight
+            # stored transposed, (d_in, d_out): x @ W^T then runs as a plain GEMM, which uses every core at
+            # batch 1, where F.linear's matrix-vector kernel uses one (README, Serving: 1.5x on Zen 2)
+            fused = torch.cat([m.weight.T for m in modules], dim=1).contiguous()
             start = 0
-            for m in modules:  # the modules keep views of the fused tensor: same values, no copy kept
+            for m in modules:  # the modules keep (d_out, d_in) views of the fused tensor: no copy kept
                 rows = m.weight.shape[0]
-                m.weight = nn.Parameter(fused[start:start + rows], requires_grad=False)
+                m.weight = nn.Parameter(fused[:, start:start + rows].T, requires_grad=False)
                 start += rows
             weights[group] = fused
             has_bias = any(m.bias is not None for m in modules)
@@ -162,7 +164,7 @@ class LlamaRunner:
         return self.model.get_submodule(module_name).weight
 
     def _project(self, layer: _Layer, index: int, group: str, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
-        out = F.linear(x, layer.weights[group])
+        out = torch.mm(x, layer.weights[group])
         if lora is not None:
             lora.apply(index, group, x, out)
         bias = layer.biases[group]

@@ -11,7 +11,7 @@ from typing import Callable
 
 # First match wins: more specific patterns come first.
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("optimizer", ("_foreach", "adam", "lerp", "addcdiv", "addcmul")),
+    ("optimizer", ("_foreach", "adam")),  # fused or foreach AdamW (addcmul is also rotary's: elementwise)
     ("loss", ("cross_entropy", "nll_loss", "log_softmax", "logsumexp")),
     ("attention", ("attention", "softmax", "_flash", "sdpa", "baddbmm")),
     ("matmul", ("mm", "bmm", "matmul", "linear", "gemm")),

@@ -2,14 +2,27 @@
 
     PYTHONPATH=src .venv/bin/python benchmarks/behaviour_noise_floor.py
 """
-import torch, time
-from lorakit.training.models import load_model
+import time
+
+import torch
+
 from lorakit.training.knowledge import behaviour_answers, compare_behaviour
-dev = torch.device("cpu")
-loaded = load_model(None, device=dev, fast_cpu_attention=False)
-model, tok = loaded.model.float(), loaded.tokenizer
-t = time.time(); fp32 = behaviour_answers(model, tok, dev); print("fp32", time.time() - t, flush=True)
-model.to(torch.bfloat16)
-t = time.time(); bf16 = behaviour_answers(model, tok, dev); print("bf16", time.time() - t, flush=True)
-kept = compare_behaviour(fp32, bf16, tok)
-print(f"bf16 vs fp32: unchanged {kept.unchanged:.1%}, token agreement {kept.token_agreement:.1%}")
+from lorakit.training.models import load_model
+
+
+def main():
+    device = torch.device("cpu")
+    loaded = load_model(None, device=device, fast_cpu_attention=False)
+    model, tokenizer = loaded.model.float(), loaded.tokenizer
+    answers = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model.to(dtype)
+        start = time.time()
+        answers[dtype] = behaviour_answers(model, tokenizer, device)
+        print(f"{dtype}: {time.time() - start:.0f} s", flush=True)
+    kept = compare_behaviour(answers[torch.float32], answers[torch.bfloat16], tokenizer)
+    print(f"bf16 vs fp32: unchanged {kept.unchanged:.1%}, token agreement {kept.token_agreement:.1%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -6,26 +6,15 @@ layout), the engine's own step, and torch.profiler's time per token by operator 
 
     PYTHONPATH=src .venv/bin/python benchmarks/decode_breakdown.py
 """
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
+
+from gemv_kernels import median_ms  # this folder: Python puts a script's own folder on the path
 
 from lorakit.serve import Engine, EngineConfig, Request, SamplingParams
 from lorakit.tools.roofline import memory_bandwidth
 from lorakit.tools.step_profile import profile_step
 from lorakit.training.models import load_model
-
-
-def median_ms(fn, n=20):
-    fn()
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def main():
@@ -40,8 +29,8 @@ def main():
     usual = [w.T.contiguous() for w in transposed]  # (d_out, d_in), as nn.Linear holds it
     head = engine.runner.head.weight
     inputs = {w.shape[0]: torch.randn(1, w.shape[0]) for w in transposed}
-    mm_ms = median_ms(lambda: [torch.mm(inputs[w.shape[0]], w) for w in transposed] + [F.linear(inputs[576], head)])
-    linear_ms = median_ms(lambda: [F.linear(inputs[w.shape[1]], w) for w in usual] + [F.linear(inputs[576], head)])
+    mm_ms = median_ms(lambda: [torch.mm(inputs[w.shape[0]], w) for w in transposed] + [F.linear(inputs[576], head)], n=20)
+    linear_ms = median_ms(lambda: [F.linear(inputs[w.shape[1]], w) for w in usual] + [F.linear(inputs[576], head)], n=20)
     print(f"products alone: x @ W^T {mm_ms:.1f} ms ({nbytes / mm_ms / 1e6:.1f} GB/s), "
           f"F.linear {linear_ms:.1f} ms ({nbytes / linear_ms / 1e6:.1f} GB/s)")
     prompt = loaded.tokenizer("Hello there, tell me about", add_special_tokens=False)["input_ids"]

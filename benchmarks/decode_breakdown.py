@@ -27,10 +27,11 @@ def main():
     engine = Engine(model, loaded.tokenizer, EngineConfig(max_batch_size=1, max_seq_len=512, max_loaded_adapters=1))
     transposed = [w for layer in engine.runner.layers for w in layer.weights.values()]  # (d_in, d_out)
     usual = [w.T.contiguous() for w in transposed]  # (d_out, d_in), as nn.Linear holds it
-    head = engine.runner.head.weight
+    head_t = engine.runner.head_weight  # (d, vocab), as the engine holds it
+    head = head_t.T.contiguous()  # (vocab, d), as nn.Linear holds it
     inputs = {w.shape[0]: torch.randn(1, w.shape[0]) for w in transposed}
-    mm_ms = median_ms(lambda: [torch.mm(inputs[w.shape[0]], w) for w in transposed] + [F.linear(inputs[576], head)], n=20)
-    linear_ms = median_ms(lambda: [F.linear(inputs[w.shape[1]], w) for w in usual] + [F.linear(inputs[576], head)], n=20)
+    mm_ms = median_ms(lambda: [torch.mm(inputs[w.shape[0]], w) for w in transposed + [head_t]], n=20)
+    linear_ms = median_ms(lambda: [F.linear(inputs[w.shape[1]], w) for w in usual + [head]], n=20)
     print(f"products alone: x @ W^T {mm_ms:.1f} ms ({nbytes / mm_ms / 1e6:.1f} GB/s), "
           f"F.linear {linear_ms:.1f} ms ({nbytes / linear_ms / 1e6:.1f} GB/s)")
     prompt = loaded.tokenizer("Hello there, tell me about", add_special_tokens=False)["input_ids"]

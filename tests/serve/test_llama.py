@@ -44,16 +44,21 @@ def test_prefill_then_decode_equals_the_models_forward(kind):
             torch.testing.assert_close(step[i], expected[i][len(s) - back], rtol=1e-4, atol=1e-5)
 
 
-def test_fusing_keeps_the_models_own_forward():
-    model = tiny("llama")
+@pytest.mark.parametrize("tied", [False, True])
+def test_fusing_keeps_the_models_own_forward(tied):
+    model = tiny("llama", tie_word_embeddings=tied)
     ids = torch.randint(0, 64, (1, 7))
     before = model(ids).logits
     weights = {name: p.detach().clone() for name, p in model.named_parameters()}
-    LlamaRunner(model, max_rows=1, max_seq_len=8)
+    runner = LlamaRunner(model, max_rows=1, max_seq_len=8)
     # the modules now hold (d_out, d_in) views of the transposed fused weights: the same values, bit for bit,
     # and the same forward up to the summation order of a different GEMM kernel
     assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())
     torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-6)
+    # the head (and a tied input embedding with it) is a view of the runner's transposed copy, not a second copy
+    head = model.get_output_embeddings().weight
+    assert (head is model.get_input_embeddings().weight) == tied
+    assert head.untyped_storage().data_ptr() == runner.head_weight.untyped_storage().data_ptr()
 
 
 def test_sliding_windows_are_exact_only_within_the_window():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lorakit.serve.adapters import AdapterWeights, GroupFactors
-from lorakit.serve.multi_lora import GatherPlan, LoraBatch, RowFactors, SegmentPlan
+from lorakit.serve.multi_lora import GatherPlan, LoraBatch, OneAdapterPlan, RowFactors, SegmentPlan
 
 LAYERS, D_IN, SIZES = 2, 12, (6, 4)  # a group of two projections, outputs side by side
 D_OUT = sum(SIZES)
@@ -54,6 +54,24 @@ def test_each_row_gets_its_own_adapters_update(strategy):
         LoraBatch(plan, []).apply(layer, "g", x, out)
         torch.testing.assert_close(out[:len(rows)], reference(rows, x, base, layer)[:len(rows)])
         assert torch.equal(out[len(rows):], base[len(rows):])
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_one_adapter_on_every_row_equals_the_loop(dora):
+    a = adapter("a", (3, 2), dora=dora, seed=6)
+    a.groups["g"].present[0] = False  # a layer the adapter leaves alone
+    a.groups["g"].A[0] = 0
+    x, base = torch.randn(5, D_IN), torch.randn(5, D_OUT)
+    plan = OneAdapterPlan(a, 3)  # rows 0..2 decode on the adapter, 3..4 are base rows
+    for layer in range(LAYERS):
+        out = base.clone()
+        LoraBatch(plan, []).apply(layer, "g", x, out)
+        expected = base if layer == 0 else reference([a] * 3, x, base, layer)
+        torch.testing.assert_close(out[:3], expected[:3])
+        assert torch.equal(out[3:], base[3:])
+    out = base[:3].clone()  # every row decoding: the batch is exactly the plan's rows
+    LoraBatch(plan, []).apply(1, "g", x[:3], out)
+    torch.testing.assert_close(out, reference([a] * 3, x[:3], base[:3], 1))
 
 
 def test_prefill_segments_use_their_adapter():

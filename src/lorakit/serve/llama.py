@@ -3,7 +3,8 @@ norms and rotary embedding, a static KV cache, and one step that decodes the run
 new prompts together.
 
 What makes it lean, next to transformers' `generate`: q/k/v and gate/up each run as one GEMM (their
-weights are laid side by side in one tensor, the modules keep views of it, so no memory is added); the
+weights are laid side by side in one tensor, the modules keep views of it, so no memory is added); every
+weight, the head's too, is stored transposed (d_in, d_out) so that batch-1 products run as GEMMs; the
 rotary cos/sin of every position are computed once; the cache is preallocated and written in place; the
 output head runs only at the positions that are sampled; no per-step mask or cache objects are built.
 
@@ -119,7 +120,7 @@ class LlamaRunner:
         weight = model.get_input_embeddings().weight
         self.model, self.dtype, self.device = model, weight.dtype, weight.device
         self.embed, self.norm = model.get_input_embeddings(), rms_norm(inner.norm)
-        self.head = model.get_output_embeddings()
+        self.head_weight, self.head_bias = self._lay_head_transposed(model)
         attn = inner.layers[0].self_attn
         self.head_dim = attn.head_dim
         self.n_heads, self.n_kv = config.num_attention_heads, config.num_key_value_heads
@@ -132,6 +133,21 @@ class LlamaRunner:
         # rotate_half(x) * sin == roll(x, half) * signed_sin: one roll instead of two slices, a negation and a cat
         self.cos, self.signed_sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
         self.cache = KVCache(len(self.layers), max_rows, self.n_kv, max_seq_len, self.head_dim, self.dtype, self.device)
+
+    @torch.no_grad()
+    def _lay_head_transposed(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The output head as (d, vocab), contiguous; the head (and a tied input embedding) keep a view of it.
+
+        The head is the largest single product of a decoding step (vocab x d); stored transposed it runs as a
+        plain GEMM on every core instead of F.linear's one-thread matrix-vector kernel (README, Serving).
+        """
+        head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+        tied = head.weight is embed.weight
+        transposed = head.weight.T.contiguous()
+        head.weight = nn.Parameter(transposed.T, requires_grad=False)
+        if tied:
+            embed.weight = head.weight
+        return transposed, head.bias
 
     @torch.no_grad()
     def _fuse(self, layer: nn.Module) -> _Layer:
@@ -228,4 +244,5 @@ class LlamaRunner:
             x = layer.post_norm(h)
             gate, up = self._project(layer, index, "gate_up", x, batch.lora).chunk(2, dim=-1)
             h.add_(self._project(layer, index, "down", layer.act(gate).mul_(up), batch.lora))
-        return self.head(self.norm(h[batch.logit_rows]))
+        logits = torch.mm(self.norm(h[batch.logit_rows]), self.head_weight)
+        return logits if self.head_bias is None else logits.add_(self.head_bias)

@@ -12,6 +12,9 @@ update `x A^T Bt` (and DoRA's per-row scale) in place. Two ways for the decoding
 * **segment** (S-LoRA/Punica's SGMV as a loop): rows are grouped by adapter and each group runs two plain
   GEMMs on its own factors: each adapter's factors are read once, at two calls per adapter in the batch.
 
+When every decoding row is on the same adapter (batch-1 decoding above all), the engine runs
+`OneAdapterPlan` whatever the strategy: two plain GEMMs per group, no per-row copies, no regrouping.
+
 Rows on the base model sit after the adapter rows (the engine keeps that order) and skip the branch.
 Newly admitted prompts (prefill) are one contiguous segment each and always run segment-wise.
 """
@@ -145,9 +148,44 @@ def segment_update(factors: GroupFactors, layer: int, x: torch.Tensor, out: torc
     if not factors.present[layer]:
         return
     A = factors.A[layer]
-    out.add_(torch.mm(torch.mm(x.to(A.dtype), A.T), factors.Bt[layer]))
+    h = torch.mm(x.to(A.dtype), A.T)  # (t, R)
+    if out.dtype == h.dtype:
+        out.addmm_(h, factors.Bt[layer])  # the product and the add in one call
+    else:
+        out.add_(torch.mm(h, factors.Bt[layer]))
     if factors.g is not None:
         out.mul_(factors.g[layer])
+
+
+class OneAdapterPlan:
+    """Decoding rows 0..n-1 all on one adapter: per layer and group two GEMMs, on A^T laid out once per plan.
+
+    The leanest path for batch-1 decoding with an unmerged adapter: no regrouping, no per-row copies, and
+    per call only a list lookup before the kernels.
+    """
+
+    def __init__(self, weights: AdapterWeights, n: int) -> None:
+        self.n = n
+        # group -> per layer (A^T (d_in, R) contiguous, Bt (R, d_out), DoRA's g (d_out,) or None); None where
+        # the adapter leaves the layer's group alone
+        self.layers: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None]] = {
+            group: [(f.A[i].T.contiguous(), f.Bt[i], None if f.g is None else f.g[i]) if f.present[i] else None
+                    for i in range(len(f.present))]
+            for group, f in weights.groups.items()}
+
+    def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out (n, d_out) += the adapter's update of x (n, d_in); scaled by g under DoRA."""
+        factors = self.layers.get(group)
+        if factors is None or factors[layer] is None:
+            return
+        At, Bt, g = factors[layer]
+        h = torch.mm(x if x.dtype == At.dtype else x.to(At.dtype), At)  # (n, R)
+        if out.dtype == h.dtype:
+            out.addmm_(h, Bt)
+        else:
+            out.add_(torch.mm(h, Bt))
+        if g is not None:
+            out.mul_(g)
 
 
 class SegmentPlan:
@@ -187,6 +225,9 @@ class SegmentPlan:
             out.copy_(ys.index_select(0, self.inverse))
 
 
+DecodePlan = GatherPlan | SegmentPlan | OneAdapterPlan
+
+
 class LoraBatch:
     """The LoRA branch of one forward: decoding rows first (`decode`, over the first tokens), then each new
     prompt's tokens as one segment.
@@ -196,9 +237,18 @@ class LoraBatch:
         prefill: [(start, end, adapter)] token ranges of new prompts served by an adapter.
     """
 
-    def __init__(self, decode: GatherPlan | SegmentPlan | None, prefill: list[tuple[int, int, AdapterWeights]]) -> None:
+    def __init__(self, decode: DecodePlan | None, prefill: list[tuple[int, int, AdapterWeights]]) -> None:
         self.decode = decode
         self.prefill = [(s, e, w) for s, e, w in prefill]
+        if decode is not None and not self.prefill:
+            self.apply = self._decode_only  # per call: no prefill loop, no slicing when every row decodes
+
+    def _decode_only(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        n = self.decode.n
+        if x.shape[0] == n:
+            self.decode.apply(layer, group, x, out)
+        else:
+            self.decode.apply(layer, group, x[:n], out[:n])
 
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """Add the update of every row of x (tokens, d_in) into out (tokens, d_out), in place."""

@@ -362,7 +362,7 @@ class Engine:
         if key != self._plan[0]:
             plan = None
             # one adapter on every row (batch-1 decoding above all): its two plain GEMMs per group beat the
-            # gather's per-projection batched matmuls (README, Serving: 0.84x -> 0.91x the base at batch 1)
+            # gather's per-projection batched matmuls (README, Serving: 0.84x -> 0.95x the base at batch 1)
             if adapters and all(a is adapters[0] for a in adapters):
                 plan = OneAdapterPlan(adapters[0], len(adapters))
             elif adapters and factors is not None:

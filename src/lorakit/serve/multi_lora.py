@@ -147,14 +147,18 @@ def segment_update(factors: GroupFactors, layer: int, x: torch.Tensor, out: torc
     """out (t, d_out) += x A^T Bt for one adapter's rows (then DoRA's scale), in place."""
     if not factors.present[layer]:
         return
-    A = factors.A[layer]
-    h = torch.mm(x.to(A.dtype), A.T)  # (t, R)
+    add_update(x, factors.A[layer].T, factors.Bt[layer], None if factors.g is None else factors.g[layer], out)
+
+
+def add_update(x: torch.Tensor, At: torch.Tensor, Bt: torch.Tensor, g: torch.Tensor | None, out: torch.Tensor) -> None:
+    """out (t, d_out) += (x At) Bt, then *= g (DoRA) where given; x (t, d_in), At (d_in, R), Bt (R, d_out)."""
+    h = torch.mm(x if x.dtype == At.dtype else x.to(At.dtype), At)  # (t, R)
     if out.dtype == h.dtype:
-        out.addmm_(h, factors.Bt[layer])  # the product and the add in one call
+        out.addmm_(h, Bt)  # the product and the add in one call
     else:
-        out.add_(torch.mm(h, factors.Bt[layer]))
-    if factors.g is not None:
-        out.mul_(factors.g[layer])
+        out.add_(torch.mm(h, Bt))
+    if g is not None:
+        out.mul_(g)
 
 
 class OneAdapterPlan:
@@ -178,14 +182,7 @@ class OneAdapterPlan:
         factors = self.layers.get(group)
         if factors is None or factors[layer] is None:
             return
-        At, Bt, g = factors[layer]
-        h = torch.mm(x if x.dtype == At.dtype else x.to(At.dtype), At)  # (n, R)
-        if out.dtype == h.dtype:
-            out.addmm_(h, Bt)
-        else:
-            out.add_(torch.mm(h, Bt))
-        if g is not None:
-            out.mul_(g)
+        add_update(x, *factors[layer], out)
 
 
 class SegmentPlan:

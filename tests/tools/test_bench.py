@@ -16,7 +16,7 @@ from lorakit.tools.bench import (
     BenchInferConfig,
     BenchTrainConfig,
     _median_run,
-    _step_function,
+    step_function,
     bench_infer,
     bench_train,
 )
@@ -61,7 +61,7 @@ def test_bench_train_json_has_every_configuration_and_consistent_ratios(tiny_mod
 
 @pytest.mark.parametrize("name", ["floor", "lorakit", "peft", "full"])
 def test_each_configuration_trains_what_it_should(tiny_model_dir, name):
-    step, model = _step_function(name, _cfg(tiny_model_dir), torch.device("cpu"))
+    step, model = step_function(name, _cfg(tiny_model_dir), torch.device("cpu"))
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     step()
     changed = {k for k, v in model.named_parameters() if not torch.equal(v, before[k])}
@@ -82,17 +82,17 @@ def _trains_b(step, model) -> bool:
 
 
 def test_bench_dora_and_nf4_configurations_build(tiny_model_dir64):
-    dora_step, dora = _step_function("lorakit", _cfg(tiny_model_dir64, method="dora"), torch.device("cpu"))
+    dora_step, dora = step_function("lorakit", _cfg(tiny_model_dir64, method="dora"), torch.device("cpu"))
     assert any("lora_magnitude_vector" in k for k, _ in dora.named_parameters())
     assert _trains_b(dora_step, dora)
 
-    nf4_step, nf4 = _step_function("lorakit", _cfg(tiny_model_dir64, quantize="nf4"), torch.device("cpu"))
+    nf4_step, nf4 = step_function("lorakit", _cfg(tiny_model_dir64, quantize="nf4"), torch.device("cpu"))
     bases = [m.base_layer for m in nf4.modules() if isinstance(m, LoraLayer)]
     assert len(bases) == 6 and all(is_quantized(b) for b in bases)
     assert _trains_b(nf4_step, nf4)
 
     with pytest.raises(LorakitError, match="DoRA needs the dense base weight"):
-        _step_function("lorakit", _cfg(tiny_model_dir64, method="dora", quantize="nf4"), torch.device("cpu"))
+        step_function("lorakit", _cfg(tiny_model_dir64, method="dora", quantize="nf4"), torch.device("cpu"))
 
 
 def test_bench_infer_reports_all_rows(tiny_model_dir):

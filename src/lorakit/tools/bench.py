@@ -134,7 +134,7 @@ def _lorakit_step(cfg: BenchTrainConfig, model: torch.nn.Module, batch: dict, dt
     return step
 
 
-def _step_function(name: str, cfg: BenchTrainConfig, device: torch.device):
+def step_function(name: str, cfg: BenchTrainConfig, device: torch.device):
     """Build configuration `name`; return a function that runs one training step, and the model it trains."""
     from lorakit.methods.registry import make_methods
     from lorakit.training.models import default_dtype, load_model
@@ -212,7 +212,7 @@ def run_one(name: str, cfg: BenchTrainConfig) -> dict:
     torch.manual_seed(0)
     if name == "limit":
         return run_limit(cfg, device)
-    step, model = _step_function(name, cfg, device)
+    step, model = step_function(name, cfg, device)
     setup_peak = peak_memory(device)
     step_peak_known = reset_peak_memory(device)
     for _ in range(cfg.warmup):
@@ -248,7 +248,7 @@ def run_limit(cfg: BenchTrainConfig, device: torch.device) -> dict:
     from lorakit.core.quantize import tensor_bytes
     from lorakit.tools.roofline import capture_gemms, gemm_summary, replay_seconds
 
-    step, model = _step_function("lorakit", cfg, device)
+    step, model = step_function("lorakit", cfg, device)
     for _ in range(max(1, cfg.warmup)):
         step()
     calls = capture_gemms(step)

@@ -3,7 +3,7 @@ machine's dtype), against the same step eager, each in its own process.
 
 `layer.compile()` on every decoder layer; with `--unspec-int` dynamo treats int attributes of modules (the
 layer index) as unspecialized, so one graph serves every layer instead of one recompile per layer, up to
-dynamo's cache limit. Prints the first step (compile included), the median of 6 timed steps and the number
+dynamo's cache limit. Prints the first step (compile included), the median of 12 timed steps and the number
 of graphs dynamo compiled.
 
     .venv/bin/python benchmarks/regional_compile.py              # eager, then compiled with --unspec-int
@@ -15,6 +15,8 @@ import sys
 import time
 
 import torch
+
+STEPS = 12
 
 from lorakit.tools.bench import BenchTrainConfig, step_function
 
@@ -34,7 +36,7 @@ def measure(mode: str) -> None:
     for _ in range(2):
         step()
     times = []
-    for _ in range(6):
+    for _ in range(STEPS):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)

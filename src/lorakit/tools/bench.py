@@ -8,6 +8,7 @@ Each configuration runs in a fresh subprocess so that its peak memory is its own
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -59,6 +60,9 @@ class BenchTrainConfig(BenchModelOptions):
     """Adapter method of the lorakit and peft configurations: lora, or dora (PEFT's use_dora=True)."""
     quantize: Literal["none", "nf4", "int8"] = "none"
     """QLoRA: the lorakit configuration's frozen base in 4-bit NF4 or int8 (bitsandbytes)."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """The lorakit configuration's decoder layers compiled as `lorakit train --compile` decides (auto: where
+    measured faster on this machine, once, cached)."""
     profile: bool = False
     """After timing, profile 3 more steps of each configuration (torch.profiler) and print where the time goes,
     by operator category."""
@@ -106,7 +110,7 @@ def _run_config(cfg: BenchTrainConfig):
     from lorakit.methods.lora import LoraOptions
     from lorakit.training.config import TrainConfig
 
-    return TrainConfig(method=cfg.method, lr=1e-4,
+    return TrainConfig(method=cfg.method, lr=1e-4, compile=cfg.compile,
                        lora=LoraOptions(r=cfg.r, lora_alpha=2 * cfg.r, target_modules=list(cfg.target_modules)))
 
 
@@ -115,6 +119,7 @@ def _lorakit_step(cfg: BenchTrainConfig, model: torch.nn.Module, batch: dict, dt
     from lorakit.core.quantize import quantize_model
     from lorakit.methods.combine import apply_methods
     from lorakit.methods.registry import make_methods
+    from lorakit.training.compiled_layers import MIN_STEPS, compile_layers, should_compile
     from lorakit.training.loop import make_optimizer
     from lorakit.training.loss import loss_sum
 
@@ -124,6 +129,11 @@ def _lorakit_step(cfg: BenchTrainConfig, model: torch.nn.Module, batch: dict, dt
     methods = make_methods(run)
     apply_methods(methods, model, cfg.model or "default")
     model.train()
+    # as lorakit train decides it for a long run on one process
+    if should_compile(run.compile, model, device=batch["input_ids"].device, steps=MIN_STEPS,
+                      tokens=min(cfg.seq_len, 256), dtype=dtype, single_process=True,
+                      plain_layers=cfg.quantize == "none"):
+        compile_layers(model)
     opt = make_optimizer(model, run, methods)
 
     def step():
@@ -248,7 +258,8 @@ def run_limit(cfg: BenchTrainConfig, device: torch.device) -> dict:
     from lorakit.core.quantize import tensor_bytes
     from lorakit.tools.roofline import capture_gemms, gemm_summary, replay_seconds
 
-    step, model = step_function("lorakit", cfg, device)
+    # captured eager: compiling the layers fuses the work between the products, not the products themselves
+    step, model = step_function("lorakit", dataclasses.replace(cfg, compile="off"), device)
     for _ in range(max(1, cfg.warmup)):
         step()
     calls = capture_gemms(step)

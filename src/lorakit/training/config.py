@@ -106,6 +106,8 @@ class TrainConfig:
     """Compute dtype of the frozen base; auto: bf16 where the hardware supports it. LoRA weights stay fp32."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, more time."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile the decoder layers' training forward/backward (one shared graph; fuses the elementwise work between products). auto: on CPU, for a model of 50M+ parameters and 20+ steps, where measured faster on this machine (once, cached)."""
     quantize: Literal["none", "nf4", "int8"] = "none"
     """QLoRA: hold the frozen base's block linears in 4-bit NF4 (double-quantized scales) or int8 (bitsandbytes); LoRA trains in fp32 on top."""
     device: str | None = None

@@ -24,6 +24,7 @@ from lorakit.core.adapters import disable_adapters
 from lorakit.core.errors import LorakitError
 from lorakit.training.general_prompts import GENERAL_INSTRUCTIONS
 from lorakit.training.generation import generate, generate_ids
+from lorakit.training.loss import no_cache_kwargs
 from lorakit.training.preserve_prompts import preservation_instructions
 from lorakit.training.tasks import (
     PRESERVE_MODULES,
@@ -114,9 +115,11 @@ def kl_to_base(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
     The base distribution comes from the same model with its adapters switched off (no gradient); the
     adapted one carries the gradient to the adapter. Shapes: input_ids/attention_mask (B, T).
     """
+    no_cache = no_cache_kwargs(model)
     with torch.no_grad(), disable_adapters(model):
-        base_logp = F.log_softmax(model(input_ids=input_ids, attention_mask=attention_mask).logits.float(), dim=-1)
-    logp = F.log_softmax(model(input_ids=input_ids, attention_mask=attention_mask).logits.float(), dim=-1)
+        base_logp = F.log_softmax(model(input_ids=input_ids, attention_mask=attention_mask, **no_cache).logits.float(),
+                                  dim=-1)
+    logp = F.log_softmax(model(input_ids=input_ids, attention_mask=attention_mask, **no_cache).logits.float(), dim=-1)
     per_token = (base_logp.exp() * (base_logp - logp)).sum(-1)  # (B, T)
     mask = attention_mask.to(per_token.dtype)
     return (per_token * mask).sum() / mask.sum().clamp(min=1)

@@ -30,6 +30,7 @@ from lorakit.training.checkpoint import (
     resumable_checkpoint,
     save_checkpoint,
 )
+from lorakit.training.compiled_layers import compile_layers, should_compile
 from lorakit.training.config import TrainConfig
 from lorakit.training.config_file import save_config
 from lorakit.training.data.batching import BatchPlan, collate
@@ -203,6 +204,12 @@ def build_trainer(run: Run) -> Trainer:
     # a stream has no length: TrainConfig asks for --max-steps with --streaming
     plan = BatchPlan(run.data.size or 1, cfg.batch_size, world.size, cfg.grad_accum, cfg.seed)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * run.data.size / plan.global_batch))
+    if should_compile(cfg.compile, model, device=world.device, steps=total_steps, tokens=min(cfg.max_seq_len, 256),
+                      dtype=run.dtype, single_process=not world.distributed and cfg.shard == "none",
+                      plain_layers=cfg.quantize == "none" and not cfg.gradient_checkpointing):
+        layers = compile_layers(model)
+        if world.is_main and not cfg.quiet:
+            print(f"compile: {layers} decoder layers share one compiled graph (the first step compiles it)")
     optimizer = make_optimizer(model, cfg, methods)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     step_module: nn.Module = CausalLMLoss(model)

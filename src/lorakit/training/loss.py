@@ -73,6 +73,12 @@ def _head_supports_fusion(model: nn.Module) -> bool:
     return (not sharded and hasattr(model, "base_model") and isinstance(head, nn.Linear) and head.bias is None and not special)
 
 
+def no_cache_kwargs(model: nn.Module) -> dict:
+    """{"use_cache": False} for a Hugging Face model: a training forward would otherwise build a generation
+    KV cache nobody reads (whose per-layer state also makes torch.compile recompile each decoder layer)."""
+    return {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
+
+
 def loss_sum(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
     chunk_tokens: int | None = None,
@@ -87,10 +93,11 @@ def loss_sum(
     targets = labels[:, 1:]  # position t predicts token t + 1
     keep = targets != IGNORE_INDEX
     n_tokens = int(keep.sum())
+    no_cache = no_cache_kwargs(model)
     if not _head_supports_fusion(model):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, **no_cache).logits[:, :-1]
         return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum"), n_tokens
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, **no_cache).last_hidden_state
     hidden = hidden[:, :-1][keep]  # (n_tokens, hidden)
     weight = model.get_output_embeddings().weight
     chunk = chunk_tokens or (choose_chunk(weight) if weight.device.type == "cpu" else CHUNK_TOKENS)

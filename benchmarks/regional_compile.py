@@ -1,13 +1,12 @@
 """Regional torch.compile of the decoder layers in `lorakit bench train`'s lorakit step (default model, this
 machine's dtype), against the same step eager, each in its own process.
 
-`layer.compile()` on every decoder layer; with `--unspec-int` dynamo treats int attributes of modules (the
-layer index) as unspecialized, so one graph serves every layer instead of one recompile per layer, up to
-dynamo's cache limit. Prints the first step (compile included), the median of 12 timed steps and the number
-of graphs dynamo compiled.
+The compiled mode is the shipped path, `lorakit train --compile on` (`lorakit.training.compiled_layers`: one
+graph for every layer, the layer index unspecialized). Prints the first step (compile included), the median
+of 12 timed steps and the number of graphs dynamo compiled.
 
-    .venv/bin/python benchmarks/regional_compile.py              # eager, then compiled with --unspec-int
-    .venv/bin/python benchmarks/regional_compile.py compile      # one mode: eager | compile | compile-unspec
+    .venv/bin/python benchmarks/regional_compile.py              # eager, then compiled
+    .venv/bin/python benchmarks/regional_compile.py compiled     # one mode: eager | compiled
 """
 import statistics
 import subprocess
@@ -16,20 +15,15 @@ import time
 
 import torch
 
-STEPS = 12
-
 from lorakit.tools.bench import BenchTrainConfig, step_function
+
+STEPS = 12
 
 
 def measure(mode: str) -> None:
-    step, model = step_function("lorakit", BenchTrainConfig(model=None, device="cpu"), torch.device("cpu"))
-    if mode != "eager":
-        import torch._dynamo.config as dynamo_config
-
-        dynamo_config.allow_unspec_int_on_nn_module = mode == "compile-unspec"
-        inner = getattr(model, "model", None) or model.base_model.model.model
-        for layer in inner.layers:
-            layer.compile()
+    # the shipped path: `lorakit train --compile on|off` (lorakit.training.compiled_layers)
+    cfg = BenchTrainConfig(model=None, device="cpu", compile="off" if mode == "eager" else "on")
+    step, model = step_function("lorakit", cfg, torch.device("cpu"))
     start = time.perf_counter()
     step()
     first = time.perf_counter() - start
@@ -51,5 +45,5 @@ if __name__ == "__main__":
     if len(sys.argv) > 1:
         measure(sys.argv[1])
     else:
-        for mode in ("eager", "compile-unspec"):
+        for mode in ("eager", "compiled"):
             subprocess.run([sys.executable, __file__, mode], check=True)

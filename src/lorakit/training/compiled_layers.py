@@ -31,14 +31,11 @@ _compiled_forwards: dict[type, Callable] = {}
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
-    """The model's stack of repeated blocks: the ModuleList of one class holding the most parameters."""
-    best, best_size = None, 0
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) >= 2 and len({type(m) for m in module}) == 1:
-            size = sum(p.numel() for p in module.parameters())
-            if size > best_size:
-                best, best_size = module, size
-    return best
+    """The model's stack of repeated blocks: the nn.ModuleList of one class holding the most parameters
+    (None: no such list). `--shard fsdp` shards these blocks one by one, `--compile` compiles them."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0
+             and len({type(b) for b in m}) == 1]
+    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters())) if lists else None
 
 
 def _compiled_forward(layer_class: type) -> Callable:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from lorakit.core.errors import LorakitError
+from lorakit.training.compiled_layers import decoder_layers
 from lorakit.training.distributed import World
 
 SHARD_CHOICES = ("none", "fsdp")
@@ -49,12 +50,11 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     Raises:
         LorakitError: no such list (the architecture has no recognizable blocks to shard one by one).
     """
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0
-             and len({type(b) for b in m}) == 1]
-    if not lists:
+    blocks = decoder_layers(model)
+    if blocks is None:
         raise LorakitError(f"--shard fsdp found no list of decoder blocks in {type(model).__name__}; "
                            "it shards transformer models whose blocks sit in one nn.ModuleList.")
-    return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters())))
+    return list(blocks)
 
 
 def device_mesh(world: World):

@@ -3,13 +3,14 @@ should; the workload is fixed by its seed. Speed targets live in the benchmark i
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
 from lorakit import LorakitError
 from lorakit.cli.main import main
 from lorakit.tools.bench_serve import decode_table, run_config, serve_table
-from lorakit.tools.serve_workload import BenchServeConfig, make_workload
+from lorakit.tools.serve_workload import BenchServeConfig, make_workload, serve_one_adapter_at_a_time
 
 SMALL = dict(requests=6, min_prompt_tokens=4, max_prompt_tokens=12, new_tokens=5, adapters=3, concurrency=3,
              decode_tokens=6, agreement_requests=3, device="cpu")
@@ -21,10 +22,10 @@ def small(model_dir, **kw) -> BenchServeConfig:
 
 def test_the_cli_runs_each_workload_configuration_in_its_own_process(tiny_model_dir, capsys):
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items() if k != "agreement_requests"]
-    assert main(["bench", "serve", "--model", str(tiny_model_dir), *flags, "--configs", "base,mixed,swap,peft",
-                 "--json"]) == 0
+    assert main(["bench", "serve", "--model", str(tiny_model_dir), *flags, "--configs",
+                 "base,mixed,swap,swap-grouped,peft", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert list(out["configs"]) == ["base", "mixed", "swap", "peft"]
+    assert list(out["configs"]) == ["base", "mixed", "swap", "swap-grouped", "peft"]
     for name, r in out["configs"].items():
         assert r["output_tokens"] == SMALL["requests"] * SMALL["new_tokens"], name  # the same work in each
         assert r["tokens_per_s"] > 0 and r["peak_mem_bytes"] > 0
@@ -67,3 +68,45 @@ def test_the_workload_is_fixed_by_its_seed(smollm_tokenizer):
 def test_unknown_configurations_are_refused(tiny_model_dir):
     with pytest.raises(LorakitError, match="unknown bench serve configuration"):
         run_config("fastest", small(tiny_model_dir))
+
+
+class _CountingEngine:
+    """Stands in for the engine: each request runs `len(prompt)` steps; notes which adapters ran in each step."""
+
+    class Handle:
+        def __init__(self, request) -> None:
+            self.request, self.left = request, len(request.prompt)
+
+        @property
+        def done(self) -> bool:
+            return self.left == 0
+
+    def __init__(self) -> None:
+        self.running, self.steps = [], []
+
+    def submit(self, request):
+        self.running.append(self.Handle(request))
+        return self.running[-1]
+
+    def step(self) -> None:
+        time.sleep(0.002)
+        self.steps.append([h.request.adapter for h in self.running])
+        for h in self.running:
+            h.left -= 1
+        self.running = [h for h in self.running if not h.done]
+
+
+def test_swap_runs_one_adapter_at_a_time_under_the_same_clients():
+    from lorakit.serve import Request
+
+    adapters = ["a", "b", "a", "a", "c", "b", "a", "c", "a", "b"]
+    requests = [Request([0] * (2 + k % 3), adapter=name) for k, name in enumerate(adapters)]
+    engine = _CountingEngine()
+    handles, waited = serve_one_adapter_at_a_time(engine, requests, concurrency=4)
+    assert sorted(id(h.request) for h in handles) == sorted(id(r) for r in requests)  # every request, once
+    assert all(len(set(step)) == 1 and len(step) <= 4 for step in engine.steps)  # one adapter per batch
+    assert engine.steps[0] == ["a", "a", "a"]  # the oldest request's adapter, with the other waiting "a"s
+    assert any(len(step) > 1 and step[0] == "b" for step in engine.steps)  # later "b"s batch together
+    assert set(waited) == {id(h) for h in handles}
+    first_b = next(h for h in handles if h.request is requests[1])
+    assert waited[id(first_b)] >= 0.004  # it waited through the "a" batch (>= 2 steps): part of its TTFT

@@ -4,7 +4,10 @@ server would otherwise do, on a fixed, seeded workload; and batch-1 decoding aga
 Each configuration runs in a fresh process (its peak memory is its own):
     base       the workload's requests on the base model alone (the ceiling)
     mixed      lorakit's engine, each request on its own adapter, all batched together (mixed:N: N adapters)
-    swap       the engine serving one adapter's requests at a time, as a server without mixed batches must
+    swap       the same clients, served as a server without mixed batches must: only one adapter's requests
+               run at a time (the oldest waiting request's); the others wait until that batch has drained
+    swap-grouped   the whole workload known in advance and served one adapter's group after another (a batch
+               job's best case, not a server's: no online server sees its future requests)
     peft       PEFT's mixed-batch generate(..., adapter_names=[...]) in static batches of the same size
     decode-base, decode-unmerged, decode-merged   batch-1 decoding in the engine: base, one unmerged adapter,
                the adapter merged into the weights; decode-generate: transformers' generate on the base
@@ -38,7 +41,8 @@ def run_config(name: str, cfg: BenchServeConfig) -> dict:
     device = as_device(cfg.device) if cfg.device else default_device()
     torch.manual_seed(cfg.seed)
     kind, _, count = name.partition(":")
-    table = {"base": runs.run_engine, "mixed": runs.run_engine, "swap": runs.run_engine, "peft": runs.run_peft,
+    table = {"base": runs.run_engine, "mixed": runs.run_engine, "swap": runs.run_engine,
+             "swap-grouped": runs.run_engine, "peft": runs.run_peft,
              "decode-base": runs.run_decode, "decode-unmerged": runs.run_decode, "decode-merged": runs.run_decode,
              "decode-generate": runs.run_generate_decode, "bandwidth": runs.run_bandwidth,
              "llama.cpp": runs.run_llama_cpp, "agreement": runs.run_agreement, "http": run_http}

@@ -16,6 +16,7 @@ from lorakit.tools.serve_workload import (
     latency_summary,
     make_workload,
     serve_closed_loop,
+    serve_one_adapter_at_a_time,
     summarize_handles,
     write_adapters,
 )
@@ -37,7 +38,7 @@ def _load(cfg: BenchServeConfig, device: torch.device):
 
 
 def run_engine(kind: str, cfg: BenchServeConfig, device: torch.device, tmp: Path, n_adapters: int) -> dict:
-    """base / mixed / swap: the workload through the engine, `concurrency` requests in flight."""
+    """base / mixed / swap / swap-grouped: the workload through the engine, `concurrency` requests in flight."""
     from lorakit.serve import Engine, Request, SamplingParams
 
     loaded = _load(cfg, device)
@@ -55,14 +56,17 @@ def run_engine(kind: str, cfg: BenchServeConfig, device: torch.device, tmp: Path
     serve_closed_loop(engine, warm, cfg.concurrency)
     reset_peak_memory(device)
     start = time.perf_counter()
-    if kind == "swap":  # one adapter's requests at a time, in the workload's order within each group
+    waited = None
+    if kind == "swap":  # the same clients; only one adapter's requests run at a time
+        handles, waited = serve_one_adapter_at_a_time(engine, requests, cfg.concurrency)
+    elif kind == "swap-grouped":  # the whole workload known in advance, served one adapter's group after another
         handles = []
         for k in range(n_adapters):
             group = [r for r, a in zip(requests, workload.adapter_of) if a == k]
             handles += serve_closed_loop(engine, group, cfg.concurrency)
     else:
         handles = serve_closed_loop(engine, requests, cfg.concurrency)
-    result = summarize_handles(handles, time.perf_counter() - start)
+    result = summarize_handles(handles, time.perf_counter() - start, waited)
     return {**result, "peak_mem_bytes": peak_memory(device), "adapters": 0 if kind == "base" else n_adapters}
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import statistics
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,8 +14,8 @@ import torch
 from lorakit.core.errors import LorakitError
 from lorakit.tools.bench import LLAMA_LINEARS
 
-CONFIGS = ("base", "mixed", "swap", "peft", "decode-base", "decode-unmerged", "decode-merged", "decode-generate",
-           "bandwidth", "llama.cpp")
+CONFIGS = ("base", "mixed", "swap", "swap-grouped", "peft", "decode-base", "decode-unmerged", "decode-merged",
+           "decode-generate", "bandwidth", "llama.cpp")
 
 
 @dataclass
@@ -40,8 +41,8 @@ class BenchServeConfig:
     concurrency: int = 16
     """C: requests in flight (the engine's batch size)."""
     configs: list[str] = field(default_factory=lambda: list(CONFIGS))
-    """Configurations: base, mixed (mixed:N over N adapters), swap, peft, decode-base, decode-unmerged, decode-merged,
-    decode-generate, bandwidth, llama.cpp, agreement."""
+    """Configurations: base, mixed (mixed:N over N adapters), swap, swap-grouped, peft, decode-base,
+    decode-unmerged, decode-merged, decode-generate, bandwidth, llama.cpp, agreement."""
     lora_strategy: Literal["gather", "segment"] = "gather"
     """The engine's per-row LoRA branch."""
     prefill: Literal["with_decode", "separate"] = "with_decode"
@@ -143,12 +144,39 @@ def serve_closed_loop(engine, requests: list, concurrency: int) -> list:
     return done
 
 
-def summarize_handles(handles: list, seconds: float) -> dict:
+def serve_one_adapter_at_a_time(engine, requests: list, concurrency: int) -> tuple[list, dict]:
+    """The same closed loop as `serve_closed_loop`, served as a server without mixed batches must.
+
+    `concurrency` clients each keep one request waiting or running; only requests of one adapter run together:
+    the oldest waiting request's adapter, whose later requests keep joining while its batch runs; when that
+    batch has drained, the next oldest waiting request picks the next adapter. Returns the handles and, per
+    handle, the seconds its request waited before the engine saw it (part of its time to first token).
+    """
+    upcoming, waiting, in_flight, done, waited = deque(requests), [], [], [], {}
+    current = None
+    while upcoming or waiting or in_flight:
+        while upcoming and len(waiting) + len(in_flight) < concurrency:
+            waiting.append((upcoming.popleft(), time.perf_counter()))
+        if not in_flight and waiting:
+            current = waiting[0][0].adapter
+        for request, since in [w for w in waiting if w[0].adapter == current]:
+            handle = engine.submit(request)
+            waited[id(handle)] = time.perf_counter() - since
+            in_flight.append(handle)
+        waiting = [w for w in waiting if w[0].adapter != current]
+        engine.step()
+        done += [h for h in in_flight if h.done]
+        in_flight = [h for h in in_flight if not h.done]
+    return done, waited
+
+
+def summarize_handles(handles: list, seconds: float, waited: dict | None = None) -> dict:
+    """Throughput and latencies of finished handles; `waited`: seconds before submission, by id(handle)."""
     ttfts, tpots, tokens = [], [], 0
     for h in handles:
         c = h.result()
         tokens += c.completion_tokens
-        ttfts.append(c.ttft_s)
+        ttfts.append(c.ttft_s + (waited or {}).get(id(h), 0.0))
         if c.completion_tokens > 1:
             tpots.append((c.total_s - c.ttft_s) / (c.completion_tokens - 1))
     return latency_summary(ttfts, tpots, tokens, seconds)

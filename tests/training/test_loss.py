@@ -113,3 +113,16 @@ def test_every_chunk_candidate_gives_the_same_loss_and_gradient(tmp_path, monkey
     monkeypatch.setenv("LORAKIT_HOME", str(tmp_path))
     autotune.forget_process_decisions()
     assert choose_chunk(weight, tokens=64) in CHUNK_CANDIDATES
+
+
+def test_a_decided_chunk_costs_no_measuring_inputs(tmp_path, monkeypatch):
+    # loss_sum asks for the chunk every step: once decided, nothing head-sized may be built again
+    from lorakit.core import autotune
+    from lorakit.training.loss import CHUNK_CANDIDATES, choose_chunk
+
+    monkeypatch.setenv("LORAKIT_HOME", str(tmp_path))
+    autotune.forget_process_decisions()
+    weight = torch.randn(40, 8)
+    first = choose_chunk(weight, tokens=64)
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: pytest.fail("built measuring inputs for a decided chunk"))
+    assert choose_chunk(weight, tokens=64) == first in CHUNK_CANDIDATES

@@ -9,6 +9,8 @@ fp32 logits for a 4 x 256 batch take 200 MB (twice that with the softmax kept fo
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,18 +36,32 @@ class LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        # One (c, V) buffer per dtype, reused by every chunk: a fresh one per chunk (above glibc's mmap
+        # threshold at 256 positions) would be fresh pages, faulted in each time.
+        width = min(chunk, hidden.shape[0])
+        scores = hidden.new_empty(width, weight.shape[0])  # the head's product, in the compute dtype
+        fp32 = scores if scores.dtype == torch.float32 else scores.new_empty(scores.shape, dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk):
             h, y = hidden[start:start + chunk], targets[start:start + chunk]
-            logits = (h @ weight.T).float()  # (c, V)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            low, logits = scores[:h.shape[0]], fp32[:h.shape[0]]
+            torch.mm(h, weight.T, out=low)
+            if logits is not low:
+                logits.copy_(low)
+            target_logit = logits.gather(1, y[:, None]).squeeze(1)
+            # logsumexp and softmax in place over the one fp32 buffer (torch.logsumexp would allocate another
+            # for logits - max and exponentiate twice)
+            row_max = logits.amax(dim=-1, keepdim=True)
+            exps = logits.sub_(row_max).exp_()  # exp(logits - max)
+            sums = exps.sum(dim=-1, keepdim=True)
+            total += (sums.log() + row_max - target_logit[:, None]).sum()
             if need_h or need_w:
-                # d loss / d logits = softmax - onehot, built in place over the logits buffer
-                grad_logits = logits.sub_(lse[:, None]).exp_()
+                # d loss / d logits = softmax - onehot, over the same buffer, then cast into the low one
+                grad_logits = exps.div_(sums)
                 grad_logits[torch.arange(y.shape[0], device=y.device), y] -= 1
-                grad_logits = grad_logits.to(hidden.dtype)
+                if grad_logits is not low:
+                    grad_logits = low.copy_(grad_logits)
                 if need_h:
-                    grad_h[start:start + chunk] = grad_logits @ weight
+                    torch.mm(grad_logits, weight, out=grad_h[start:start + chunk])
                 if need_w:
                     grad_w += (grad_logits.T @ h).float()
         ctx.save_for_backward(grad_h, grad_w)
@@ -110,15 +126,17 @@ def choose_chunk(weight: torch.Tensor, tokens: int = 512) -> int:
     from lorakit.core.autotune import choose
 
     vocab, dim = weight.shape
-    g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(tokens, dim, generator=g).to(weight.dtype).requires_grad_()
-    head = torch.randn(vocab, dim, generator=g).to(weight.dtype)
-    targets = torch.randint(0, vocab, (tokens,), generator=g)
+
+    @functools.cache
+    def inputs():  # built only if this machine has not measured yet: a head-sized randn costs ~0.1 s a step
+        g = torch.Generator().manual_seed(0)
+        hidden = torch.randn(tokens, dim, generator=g).to(weight.dtype).requires_grad_()
+        return hidden, torch.randn(vocab, dim, generator=g).to(weight.dtype), torch.randint(0, vocab, (tokens,), generator=g)
 
     def run(chunk: int):
         def step():
             with torch.enable_grad():  # the first call may come from an evaluation under no_grad
-                LinearCrossEntropy.apply(hidden, head, targets, chunk).backward()
+                LinearCrossEntropy.apply(*inputs(), chunk).backward()
         return step
 
     shapes = f"V{vocab} d{dim} {str(weight.dtype).replace('torch.', '')}"

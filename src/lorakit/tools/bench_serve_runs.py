@@ -26,7 +26,8 @@ def _engine_config(cfg: BenchServeConfig, rows: int, seq_len: int, adapters: int
     from lorakit.serve import EngineConfig
 
     return EngineConfig(max_batch_size=rows, max_seq_len=seq_len, max_loaded_adapters=max(adapters, 1),
-                        lora_strategy=cfg.lora_strategy, prefill=cfg.prefill)
+                        lora_strategy=cfg.lora_strategy, prefill=cfg.prefill,
+                        lora_dtype=cfg.lora_dtype)
 
 
 def _load(cfg: BenchServeConfig, device: torch.device):

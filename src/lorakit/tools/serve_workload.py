@@ -45,6 +45,8 @@ class BenchServeConfig:
     decode-unmerged, decode-merged, decode-generate, bandwidth, llama.cpp, agreement."""
     lora_strategy: Literal["gather", "segment"] = "gather"
     """The engine's per-row LoRA branch."""
+    lora_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """The dtype of the engine's LoRA factors (auto: fp32 on the CPU, the model's elsewhere)."""
     prefill: Literal["with_decode", "separate"] = "with_decode"
     """Whether new prompts ride in the decoding step or get a forward of their own."""
     decode_tokens: int = 128

@@ -1,19 +1,20 @@
 """Where a batch-1 decoding step of the engine goes on this CPU (default model, fp32 or `--dtype bf16`).
 
 Prints the memory bandwidth and the decoding limit it implies, the step's matrix products replayed alone
-in two kernels (the engine's `x @ W^T` on weights stored transposed, and F.linear on the usual (d_out, d_in)
-layout), the engine's own step, and torch.profiler's time per token by operator category.
+in each weight layout of `lorakit.serve.weights` (transposed `x @ W`, F.linear on nn.Linear's rows, oneDNN's
+packed linear) and the one the engine chose here, the engine's own step, and torch.profiler's time per
+token by operator category.
 
     PYTHONPATH=src .venv/bin/python benchmarks/decode_breakdown.py [--dtype bf16]
 """
 import argparse
 
 import torch
-import torch.nn.functional as F
 
 from gemv_kernels import median_ms  # this folder: Python puts a script's own folder on the path
 
 from lorakit.serve import Engine, EngineConfig, Request, SamplingParams
+from lorakit.serve.weights import LAYOUTS, hold, packing_available, product
 from lorakit.tools.roofline import memory_bandwidth
 from lorakit.tools.step_profile import profile_step
 from lorakit.training.models import load_model
@@ -30,15 +31,16 @@ def main():
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     print(f"bandwidth {bandwidth / 1e9:.1f} GB/s, weights {nbytes / 1e6:.0f} MB, limit {bandwidth / nbytes:.1f} tokens/s")
     engine = Engine(model, loaded.tokenizer, EngineConfig(max_batch_size=1, max_seq_len=512, max_loaded_adapters=1))
-    transposed = [w for layer in engine.runner.layers for w in layer.weights.values()]  # (d_in, d_out)
-    usual = [w.T.contiguous() for w in transposed]  # (d_out, d_in), as nn.Linear holds it
-    head_t = engine.runner.head_weight  # (d, vocab), as the engine holds it
-    head = head_t.T.contiguous()  # (vocab, d), as nn.Linear holds it
-    inputs = {w.shape[0]: torch.randn(1, w.shape[0], dtype=dtype) for w in transposed}
-    mm_ms = median_ms(lambda: [torch.mm(inputs[w.shape[0]], w) for w in transposed + [head_t]], n=20)
-    linear_ms = median_ms(lambda: [F.linear(inputs[w.shape[1]], w) for w in usual + [head]], n=20)
-    print(f"products alone: x @ W^T {mm_ms:.1f} ms ({nbytes / mm_ms / 1e6:.1f} GB/s), "
-          f"F.linear {linear_ms:.1f} ms ({nbytes / linear_ms / 1e6:.1f} GB/s)")
+    print(f"weight layout chosen on this machine: {engine.runner.weight_layout}")
+    usual = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]  # (d_out, d_in)
+    inputs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=dtype) for w in usual}
+    for layout in LAYOUTS:
+        if layout == "packed" and not packing_available(dtype, device):
+            continue
+        held, multiply = [hold(w, layout) for w in usual], product(layout)
+        ms = median_ms(lambda: [multiply(inputs[w.shape[1]], h) for w, h in zip(usual, held)], n=20)
+        print(f"products alone, {layout}: {ms:.1f} ms ({nbytes / ms / 1e6:.1f} GB/s)")
+        del held
     prompt = loaded.tokenizer("Hello there, tell me about", add_special_tokens=False)["input_ids"]
 
     def per_token(n=64):

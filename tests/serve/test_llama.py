@@ -7,6 +7,10 @@ import torch
 
 from lorakit import LorakitError
 from lorakit.serve.llama import LlamaRunner, StepBatch
+from lorakit.serve.weights import LAYOUTS, packing_available
+
+# every layout the engine may choose on some machine; packed where this torch has oneDNN
+USABLE = [name for name in LAYOUTS if name != "packed" or packing_available(torch.float32, torch.device("cpu"))]
 
 
 def tiny(kind: str, **extra):
@@ -24,13 +28,15 @@ def as_batch(tokens, positions, n_decode, prefills, logit_rows):
     return StepBatch(t(tokens), t(positions), n_decode, prefills, t(logit_rows), None)
 
 
+@pytest.mark.parametrize("layout", USABLE)
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 @torch.no_grad()
-def test_prefill_then_decode_equals_the_models_forward(kind):
+def test_prefill_then_decode_equals_the_models_forward(kind, layout):
     model = tiny(kind)
     seqs = [torch.randint(0, 64, (n,), generator=torch.Generator().manual_seed(n)) for n in (9, 5, 12)]
     expected = [model(s[None]).logits[0] for s in seqs]  # before the runner re-lays the weights
-    runner = LlamaRunner(model, max_rows=3, max_seq_len=16)
+    runner = LlamaRunner(model, max_rows=3, max_seq_len=16, layout=layout)
+    assert runner.weight_layout == layout
     prompt = [s[:-2] for s in seqs]  # prefill all but 2 tokens of each sequence, then decode those two
     starts = [0, len(prompt[0]), len(prompt[0]) + len(prompt[1])]
     logits = runner.forward(as_batch(torch.cat(prompt).tolist(), sum((list(range(len(p))) for p in prompt), []), 0,
@@ -44,21 +50,42 @@ def test_prefill_then_decode_equals_the_models_forward(kind):
             torch.testing.assert_close(step[i], expected[i][len(s) - back], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", USABLE)
 @pytest.mark.parametrize("tied", [False, True])
-def test_fusing_keeps_the_models_own_forward(tied):
+def test_fusing_keeps_the_models_own_forward(tied, layout):
     model = tiny("llama", tie_word_embeddings=tied)
     ids = torch.randint(0, 64, (1, 7))
     before = model(ids).logits
     weights = {name: p.detach().clone() for name, p in model.named_parameters()}
-    runner = LlamaRunner(model, max_rows=1, max_seq_len=8)
-    # the modules now hold (d_out, d_in) views of the transposed fused weights: the same values, bit for bit,
-    # and the same forward up to the summation order of a different GEMM kernel
+    runner = LlamaRunner(model, max_rows=1, max_seq_len=8, layout=layout)
+    # the modules now hold (d_out, d_in) views of the fused weights (packed: their own): the same values, bit
+    # for bit, and the same forward up to the summation order of a different GEMM kernel
     assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())
     torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-6)
-    # the head (and a tied input embedding with it) is a view of the runner's transposed copy, not a second copy
     head = model.get_output_embeddings().weight
     assert (head is model.get_input_embeddings().weight) == tied
+    fused = runner.layers[0].weights["qkv"]
+    if layout == "packed":  # oneDNN's blocked copy (an opaque tensor) beside the modules' own weights
+        assert fused.is_mkldnn and runner.head_weight.is_mkldnn
+        return
+    # the head (and a tied input embedding with it) and q/k/v are views of the runner's tensors, not copies
     assert head.untyped_storage().data_ptr() == runner.head_weight.untyped_storage().data_ptr()
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert q.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+
+
+def test_the_weight_layout_is_chosen_once_per_machine(tmp_path, monkeypatch):
+    from lorakit.core import autotune
+
+    monkeypatch.setenv("LORAKIT_HOME", str(tmp_path))
+    autotune.forget_process_decisions()
+    runner = LlamaRunner(tiny("llama"), max_rows=2, max_seq_len=8)
+    assert runner.weight_layout in USABLE
+    (entry, decision), = ((k, v) for k, v in autotune.decisions().items() if k.startswith("decode_layout["))
+    assert decision["choice"] == runner.weight_layout and set(decision["seconds"]) == set(USABLE)
+    assert "32x32" in entry and "b1+2 float32" in entry  # the o projection's shape; both batch sizes measured
+    with pytest.raises(LorakitError, match="weight layout"):
+        LlamaRunner(tiny("llama"), max_rows=1, max_seq_len=8, layout="diagonal")
 
 
 def test_sliding_windows_are_exact_only_within_the_window():

@@ -59,6 +59,8 @@ class EngineConfig:
             forward of their own first).
         lora_dtype: the dtype of the LoRA factors: "auto" is fp32 on the CPU (its small bf16 GEMMs are
             slower than fp32 ones), the model's dtype elsewhere.
+        weight_layout: how the base weights are held for decoding: "auto" (the fastest on this machine,
+            measured once), "transposed", "rows" or "packed" (lorakit.serve.weights).
     """
 
     max_batch_size: int = 16
@@ -69,6 +71,7 @@ class EngineConfig:
     lora_strategy: Literal["gather", "segment"] = "gather"
     prefill: Literal["with_decode", "separate"] = "with_decode"
     lora_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    weight_layout: Literal["auto", "transposed", "rows", "packed"] = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_seq_len", "max_loaded_adapters", "max_prefill_tokens"):
@@ -76,7 +79,8 @@ class EngineConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise LorakitError(f"{name}={value!r} is invalid: give a positive integer.")
         choices = {"lora_strategy": ("gather", "segment"), "prefill": ("with_decode", "separate"),
-                   "lora_dtype": ("auto", "fp32", "bf16", "fp16")}
+                   "lora_dtype": ("auto", "fp32", "bf16", "fp16"),
+                   "weight_layout": ("auto", "transposed", "rows", "packed")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise LorakitError(f"{name}={getattr(self, name)!r} is invalid: use one of {', '.join(allowed)}.")
@@ -116,7 +120,7 @@ class Engine:
     def __init__(self, model: Any, tokenizer: Any, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.runner = LlamaRunner(model, config.max_batch_size, config.max_seq_len)
+        self.runner = LlamaRunner(model, config.max_batch_size, config.max_seq_len, config.weight_layout)
         self.device = self.runner.device
         names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
         self.lora_dtype = names.get(config.lora_dtype) or (torch.float32 if self.device.type == "cpu" else self.runner.dtype)

@@ -4,7 +4,8 @@ new prompts together.
 
 What makes it lean, next to transformers' `generate`: q/k/v and gate/up each run as one GEMM (their
 weights are laid side by side in one tensor, the modules keep views of it, so no memory is added); every
-weight, the head's too, is stored transposed (d_in, d_out) so that batch-1 products run as GEMMs; the
+weight, the head's too, is held in the layout whose products run fastest on this machine
+(`lorakit.serve.weights`: transposed for a GEMM, nn.Linear's rows, or oneDNN's packed layout); the
 rotary cos/sin of every position are computed once; the cache is preallocated and written in place; the
 output head runs only at the positions that are sampled; no per-step mask or cache objects are built.
 
@@ -26,6 +27,7 @@ from lorakit.core.layers import LoraLayer
 from lorakit.serve.adapters import GroupLayout
 from lorakit.serve.kv_cache import KVCache
 from lorakit.serve.multi_lora import LoraBatch
+from lorakit.serve.weights import LAYOUTS, choose_layout, hold, product
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 # group name -> (parent module, projections whose outputs it concatenates)
@@ -77,7 +79,7 @@ class _Layer:
     input_norm: Callable[[torch.Tensor], torch.Tensor]
     post_norm: Callable[[torch.Tensor], torch.Tensor]
     act: nn.Module
-    weights: dict[str, torch.Tensor]  # group -> fused and transposed (d_in, d_out)
+    weights: dict[str, torch.Tensor]  # group -> fused, held in the runner's layout
     biases: dict[str, torch.Tensor | None]
 
 
@@ -109,18 +111,25 @@ class LlamaRunner:
             re-laid into one tensor each, the modules keeping views of it (values unchanged).
         max_rows: requests in the cache at once.
         max_seq_len: tokens per request.
+        layout: how the weights are held ("transposed", "rows", "packed"; lorakit.serve.weights), or
+            "auto": the fastest on this machine, measured once.
 
     Raises:
         LorakitError: the model is not one the runner supports (see `check_supported`).
     """
 
-    def __init__(self, model: nn.Module, max_rows: int, max_seq_len: int) -> None:
+    def __init__(self, model: nn.Module, max_rows: int, max_seq_len: int, layout: str = "auto") -> None:
         check_supported(model, max_seq_len)
         config, inner = model.config, model.model
         weight = model.get_input_embeddings().weight
         self.model, self.dtype, self.device = model, weight.dtype, weight.device
         self.embed, self.norm = model.get_input_embeddings(), rms_norm(inner.norm)
-        self.head_weight, self.head_bias = self._lay_head_transposed(model)
+        if layout == "auto":
+            layout = choose_layout(self._shapes(model), self.dtype, self.device, max_rows)
+        if layout not in LAYOUTS:
+            raise LorakitError(f"weight layout {layout!r} is unknown: use auto or one of {', '.join(LAYOUTS)}.")
+        self.weight_layout, self._product = layout, product(layout)
+        self.head_weight, self.head_bias = self._lay_head(model)
         attn = inner.layers[0].self_attn
         self.head_dim = attn.head_dim
         self.n_heads, self.n_kv = config.num_attention_heads, config.num_key_value_heads
@@ -134,34 +143,45 @@ class LlamaRunner:
         self.cos, self.signed_sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
         self.cache = KVCache(len(self.layers), max_rows, self.n_kv, max_seq_len, self.head_dim, self.dtype, self.device)
 
-    @torch.no_grad()
-    def _lay_head_transposed(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The output head as (d, vocab), contiguous; the head (and a tied input embedding) keep a view of it.
+    @staticmethod
+    def _shapes(model: nn.Module) -> list[tuple[int, int]]:
+        """(d_out, d_in) of the first layer's fused projections, then the head's."""
+        layer = model.model.layers[0]
+        shapes = []
+        for parent, names in GROUPS.values():
+            modules = [getattr(getattr(layer, parent), name) for name in names]
+            shapes.append((sum(m.out_features for m in modules), modules[0].in_features))
+        return shapes + [tuple(model.get_output_embeddings().weight.shape)]
 
-        The head is the largest single product of a decoding step (vocab x d); stored transposed it runs as a
-        plain GEMM on every core instead of F.linear's one-thread matrix-vector kernel (README, Serving).
+    @torch.no_grad()
+    def _lay_head(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The output head in the runner's layout (the largest single product of a decoding step, vocab x d).
+
+        Transposed or rows: the head (and a tied input embedding) keep a view of the runner's tensor, so no
+        copy is added; packed: a copy beside the head's own weight.
         """
         head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-        tied = head.weight is embed.weight
-        transposed = head.weight.T.contiguous()
-        head.weight = nn.Parameter(transposed.T, requires_grad=False)
-        if tied:
-            embed.weight = head.weight
-        return transposed, head.bias
+        held = hold(head.weight.detach(), self.weight_layout)
+        if self.weight_layout == "transposed":
+            tied = head.weight is embed.weight
+            head.weight = nn.Parameter(held.T, requires_grad=False)
+            if tied:
+                embed.weight = head.weight
+        return held, head.bias
 
     @torch.no_grad()
     def _fuse(self, layer: nn.Module) -> _Layer:
         weights, biases = {}, {}
         for group, (parent, names) in GROUPS.items():
             modules = [getattr(getattr(layer, parent), name) for name in names]
-            # stored transposed, (d_in, d_out): x @ W^T then runs as a plain GEMM, which uses every core at
-            # batch 1, where F.linear's matrix-vector kernel uses one (README, Serving: 1.5x on Zen 2)
-            fused = torch.cat([m.weight.T for m in modules], dim=1).contiguous()
-            start = 0
-            for m in modules:  # the modules keep (d_out, d_in) views of the fused tensor: no copy kept
-                rows = m.weight.shape[0]
-                m.weight = nn.Parameter(fused[:, start:start + rows].T, requires_grad=False)
-                start += rows
+            fused = hold(torch.cat([m.weight for m in modules]), self.weight_layout)
+            if self.weight_layout != "packed":  # the modules keep (d_out, d_in) views of it: no copy kept
+                start = 0
+                for m in modules:
+                    rows = m.weight.shape[0]
+                    view = fused[start:start + rows] if self.weight_layout == "rows" else fused[:, start:start + rows].T
+                    m.weight = nn.Parameter(view, requires_grad=False)
+                    start += rows
             weights[group] = fused
             has_bias = any(m.bias is not None for m in modules)
             biases[group] = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.weight.shape[0])
@@ -180,7 +200,7 @@ class LlamaRunner:
         return self.model.get_submodule(module_name).weight
 
     def _project(self, layer: _Layer, index: int, group: str, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
-        out = torch.mm(x, layer.weights[group])
+        out = self._product(x, layer.weights[group])
         if lora is not None:
             lora.apply(index, group, x, out)
         bias = layer.biases[group]
@@ -244,5 +264,5 @@ class LlamaRunner:
             x = layer.post_norm(h)
             gate, up = self._project(layer, index, "gate_up", x, batch.lora).chunk(2, dim=-1)
             h.add_(self._project(layer, index, "down", layer.act(gate).mul_(up), batch.lora))
-        logits = torch.mm(self.norm(h[batch.logit_rows]), self.head_weight)
+        logits = self._product(self.norm(h[batch.logit_rows]), self.head_weight)
         return logits if self.head_bias is None else logits.add_(self.head_bias)

@@ -27,7 +27,7 @@ def _engine_config(cfg: BenchServeConfig, rows: int, seq_len: int, adapters: int
 
     return EngineConfig(max_batch_size=rows, max_seq_len=seq_len, max_loaded_adapters=max(adapters, 1),
                         lora_strategy=cfg.lora_strategy, prefill=cfg.prefill,
-                        lora_dtype=cfg.lora_dtype)
+                        lora_dtype=cfg.lora_dtype, weight_layout=cfg.weight_layout)
 
 
 def _load(cfg: BenchServeConfig, device: torch.device):
@@ -68,7 +68,8 @@ def run_engine(kind: str, cfg: BenchServeConfig, device: torch.device, tmp: Path
     else:
         handles = serve_closed_loop(engine, requests, cfg.concurrency)
     result = summarize_handles(handles, time.perf_counter() - start, waited)
-    return {**result, "peak_mem_bytes": peak_memory(device), "adapters": 0 if kind == "base" else n_adapters}
+    return {**result, "peak_mem_bytes": peak_memory(device), "adapters": 0 if kind == "base" else n_adapters,
+            "weight_layout": engine.runner.weight_layout}
 
 
 class _FirstTokenClock:
@@ -151,7 +152,8 @@ def run_decode(kind: str, cfg: BenchServeConfig, device: torch.device, tmp: Path
             best = max(best, (c.completion_tokens - 1) / (c.total_s - c.ttft_s))
     notes = {"decode-base": "the engine, no adapter", "decode-unmerged": f"the engine, one r={cfg.r} adapter unmerged",
              "decode-merged": "the engine, that adapter merged into the weights"}
-    return {"tokens_per_s": best, "note": notes[kind]}
+    return {"tokens_per_s": best, "note": f"{notes[kind]}; weights {engine.runner.weight_layout}",
+            "weight_layout": engine.runner.weight_layout}
 
 
 def run_generate_decode(kind: str, cfg: BenchServeConfig, device: torch.device, tmp: Path, n_adapters: int) -> dict:

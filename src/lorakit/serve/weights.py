@@ -1,0 +1,99 @@
+"""How the engine holds its frozen weights for decoding, and the product x @ W^T in each layout.
+
+A decoding step is a few tokens times every weight: how fast it runs is how fast the CPU's matrix-vector
+(or skinny matrix) kernel streams the weights, and which kernel streams fastest depends on the CPU and the
+dtype. So the layout is a per-machine choice (`choose_layout`, measured once, cached by
+`lorakit.core.autotune`):
+
+    transposed  (d_in, d_out), contiguous; `x @ W` runs as a GEMM on every core (fp32 on Zen 2: 1.5x F.linear)
+    rows        (d_out, d_in), as nn.Linear holds it; F.linear
+    packed      oneDNN's blocked layout for its linear kernel (the one torch.compile's CPU freezing uses);
+                bf16 on Zen 4: the batch-16 step's products in half F.linear's time. The model's modules
+                keep their own weights, so this layout holds a second copy of the weights.
+
+Every layout gives the same products up to the kernels' summation order (tested).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+LAYOUTS = ("transposed", "rows", "packed")
+
+
+def packing_available(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether this torch has oneDNN's packed linear for `dtype` on `device` (CPU builds with oneDNN)."""
+    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and _packs(dtype)
+
+
+@functools.cache
+def _packs(dtype: torch.dtype) -> bool:
+    # a private op of torch's CPU build (torch.compile's freezing uses it): try it once rather than trust it
+    try:
+        weight = torch.eye(8, dtype=dtype)
+        x = torch.arange(16, dtype=dtype).view(2, 8)
+        return torch.equal(_packed_linear(x, hold(weight, "packed")), x)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def hold(rows: torch.Tensor, layout: str) -> torch.Tensor:
+    """A (d_out, d_in) weight held in `layout`: what `product` multiplies by."""
+    if layout == "transposed":
+        return rows.T.contiguous()
+    if layout == "packed":
+        return torch.ops.mkldnn._reorder_linear_weight(rows.contiguous())
+    return rows.contiguous()
+
+
+def product(layout: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """(x (t, d_in), held weight) -> x @ W^T (t, d_out), a fresh contiguous tensor."""
+    if layout == "transposed":
+        return torch.mm
+    if layout == "packed":
+        return _packed_linear
+    return F.linear
+
+
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+def choose_layout(shapes: list[tuple[int, int]], dtype: torch.dtype, device: torch.device, rows: int) -> str:
+    """The fastest layout on this machine for decoding through weights of these (d_out, d_in) `shapes`
+    (one layer's fused projections and the head) at batch 1 and at `rows` rows, measured once per machine.
+
+    Off the CPU: "transposed" (unmeasured: no GPU has been measured).
+    """
+    from lorakit.core.autotune import choose
+
+    if device.type != "cpu":
+        return "transposed"
+    layouts = [name for name in LAYOUTS if name != "packed" or packing_available(dtype, device)]
+    head, layer = shapes[-1], shapes[:-1]
+    copies = 8  # layers of distinct weights, so the measured weights do not sit in the CPU's caches
+
+    @functools.cache
+    def weights(layout: str) -> list[torch.Tensor]:  # built only when this machine measures
+        g = torch.Generator().manual_seed(0)
+        return [hold(torch.randn(shape, generator=g).to(dtype), layout) for shape in layer * copies + [head]]
+
+    @functools.cache
+    def inputs(batch: int) -> dict[int, torch.Tensor]:
+        return {d_in: torch.randn(batch, d_in).to(dtype) for _, d_in in shapes}
+
+    def run(layout: str) -> Callable[[], None]:
+        multiply, dims = product(layout), [d_in for _, d_in in layer * copies + [head]]
+
+        def step() -> None:
+            for batch in (1, rows):
+                xs = inputs(batch)
+                for w, d_in in zip(weights(layout), dims):
+                    multiply(xs[d_in], w)
+        return step
+
+    key = " ".join(f"{o}x{i}" for o, i in shapes) + f" b1+{rows} {str(dtype).replace('torch.', '')}"
+    return choose("decode_layout", key, {name: run(name) for name in layouts}, repeats=5)

@@ -68,3 +68,11 @@ def test_attention_choice_is_one_of_two_equivalent_paths():
     config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
     assert choose_attention(config, torch.bfloat16, batch=1, seq=16) in ("gemm", "sdpa")
     assert any(k.startswith("cpu_attention[b1 t16 h4/2 d16") for k in autotune.decisions())
+
+
+def test_cpus_named_alike_are_told_apart_by_family_and_model():
+    zen2 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 23\nmodel\t\t: 49\nmodel name\t: AMD EPYC\n\nprocessor\t: 1\n"
+    zen4 = zen2.replace("23", "25").replace("49", "17")
+    assert autotune.describe_cpu(zen2) == "AMD EPYC (family 23, model 49)"
+    assert autotune.describe_cpu(zen4) == "AMD EPYC (family 25, model 17)"
+    assert autotune.describe_cpu("processor\t: 0\nfeatures\t: fp asimd\n") is None  # no model name: platform's

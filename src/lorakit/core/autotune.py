@@ -28,14 +28,33 @@ FILE_NAME = "autotune.json"
 
 @lru_cache(maxsize=1)
 def cpu_model() -> str:
-    """The CPU's model name as lscpu shows it (/proc/cpuinfo), else what platform knows."""
+    """The CPU's model name as lscpu shows it (/proc/cpuinfo) with its family and model numbers, else what
+    platform knows."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        described = describe_cpu(Path("/proc/cpuinfo").read_text())
+        if described:
+            return described
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def describe_cpu(cpuinfo: str) -> str | None:
+    """"<model name> (family F, model M)" from /proc/cpuinfo's text; None without a model name.
+
+    The numbers tell apart CPUs a hypervisor names alike: "AMD EPYC" is Zen 2 as family 23 model 49 and
+    Zen 4 as family 25 model 17, and their kernel choices differ.
+    """
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break  # the first processor's block is enough
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    if "model name" not in fields:
+        return None
+    numbers = [f"{label} {fields[key]}" for label, key in (("family", "cpu family"), ("model", "model")) if key in fields]
+    return fields["model name"] + (f" ({', '.join(numbers)})" if numbers else "")
 
 
 def machine_key() -> str:

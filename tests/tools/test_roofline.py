@@ -29,5 +29,22 @@ def test_batched_products_and_replay():
     assert replay_seconds(calls, torch.device("cpu"), repeats=2) > 0
 
 
+def test_products_into_a_given_buffer_count_too():
+    # the fused loss writes the head's products into reused buffers (torch.mm(..., out=)): still GEMM time
+    a, b, out = torch.randn(4, 5), torch.randn(5, 6), torch.empty(4, 6)
+    calls = capture_gemms(lambda: (torch.mm(a, b, out=out), torch.bmm(a[None], b[None], out=out[None])))
+    assert [c.op for c in calls] == ["mm", "bmm"] and calls[0].flops == 2 * 4 * 5 * 6
+    assert [len(c.args) for c in calls] == [2, 2]  # the operands, not the buffer
+    assert replay_seconds(calls, torch.device("cpu"), repeats=2) > 0
+
+
+def test_the_fused_loss_products_are_in_the_limit():
+    from lorakit.training.loss import LinearCrossEntropy
+
+    hidden, head = torch.randn(6, 8, requires_grad=True), torch.randn(40, 8)
+    calls = capture_gemms(lambda: LinearCrossEntropy.apply(hidden, head, torch.randint(0, 40, (6,)), 4).backward())
+    assert sum(c.flops for c in calls) == 2 * (2 * 6 * 40 * 8)  # logits and the hidden states' gradient
+
+
 def test_decode_limit():
     assert decode_limit_tokens_per_s(weight_bytes=2 * 10**8, bandwidth=3 * 10**10) == 150.0

@@ -20,12 +20,15 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # The matrix products a step's GEMM time is made of; everything else (norms, softmax, casts) is not.
+# Products written into a given buffer (`out=`) count too; they are replayed as the plain op.
 GEMM_OPS = {
     torch.ops.aten.mm.default: "mm",
     torch.ops.aten.addmm.default: "addmm",
     torch.ops.aten.bmm.default: "bmm",
     torch.ops.aten.baddbmm.default: "baddbmm",
 }
+_OUT_VARIANTS = {torch.ops.aten.mm.out: "mm", torch.ops.aten.addmm.out: "addmm", torch.ops.aten.bmm.out: "bmm",
+                 torch.ops.aten.baddbmm.out: "baddbmm"}
 
 
 @dataclass(frozen=True)
@@ -50,9 +53,10 @@ class _Recorder(TorchDispatchMode):
         self.calls: list[Gemm] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in GEMM_OPS:
+        name = GEMM_OPS.get(func) or _OUT_VARIANTS.get(func)
+        if name:  # the operands only: an out= buffer is a keyword argument
             tensors = tuple((tuple(a.shape), tuple(a.stride()), a.dtype) for a in args if isinstance(a, torch.Tensor))
-            self.calls.append(Gemm(GEMM_OPS[func], tensors))
+            self.calls.append(Gemm(name, tensors))
         return func(*args, **(kwargs or {}))
 
 

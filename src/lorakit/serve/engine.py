@@ -39,6 +39,7 @@ from lorakit.serve.requests import (
     SamplingParams,
 )
 from lorakit.serve.sampling import make_generator, sample
+from lorakit.serve.weights import LAYOUTS
 from lorakit.training.generation import stop_token_ids
 
 
@@ -80,7 +81,7 @@ class EngineConfig:
                 raise LorakitError(f"{name}={value!r} is invalid: give a positive integer.")
         choices = {"lora_strategy": ("gather", "segment"), "prefill": ("with_decode", "separate"),
                    "lora_dtype": ("auto", "fp32", "bf16", "fp16"),
-                   "weight_layout": ("auto", "transposed", "rows", "packed")}
+                   "weight_layout": ("auto", *LAYOUTS)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise LorakitError(f"{name}={getattr(self, name)!r} is invalid: use one of {', '.join(allowed)}.")

@@ -13,6 +13,7 @@ import lorakit
 from lorakit.core import autotune
 from lorakit.core.errors import LorakitError
 from lorakit.training.compiled_layers import (
+    adapter_kinds,
     compile_layers,
     compile_pays,
     decoder_layers,
@@ -121,9 +122,19 @@ def test_auto_measures_once_per_machine_and_leaves_training_untouched(tmp_path, 
     assert all(p.grad is None for p in model.parameters()) and model.training
     assert all("forward" not in layer.__dict__ for layer in decoder_layers(model))
     entries = json.loads((tmp_path / "autotune.json").read_text())[autotune.machine_key()]
-    (entry,) = [v for k, v in entries.items() if k.startswith("layer_compile[LlamaDecoderLayer L2 d32 t16")]
+    (key, entry), = [(k, v) for k, v in entries.items() if k.startswith("layer_compile[LlamaDecoderLayer L2 d32 t16")]
+    assert key.endswith(" Linear]")  # the adapter's layer class is part of the key
     assert set(entry["seconds"]) == {"eager", "compiled"} and (entry["choice"] == "compiled") == chose
     autotune.forget_process_decisions()
     monkeypatch.setattr(autotune, "_seconds", lambda *a, **k: pytest.fail("measured again"))
     assert compile_pays(model, tokens=16, dtype=torch.float32) == chose
     autotune.forget_process_decisions()
+
+
+def test_the_compile_decision_is_kept_per_adapter_kind():
+    # DoRA's layers fuse differently from LoRA's: a decision measured on one must not serve the other
+    lora_layer = decoder_layers(_adapted())[0]
+    dora = lorakit.apply(tiny_llama(), lorakit.LoraConfig(r=4, target_modules=["q_proj", "down_proj"], use_dora=True))
+    assert adapter_kinds(lora_layer) == "Linear"
+    assert adapter_kinds(decoder_layers(dora)[0]) == "DoraLinear"
+    assert adapter_kinds(decoder_layers(tiny_llama())[0]) == "plain"

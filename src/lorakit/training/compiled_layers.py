@@ -86,6 +86,13 @@ def _fwd_bwd(model: nn.Module, tokens: int) -> Callable[[], None]:
     return run
 
 
+def adapter_kinds(layer: nn.Module) -> str:
+    """The lorakit classes adapting a layer ("DoraLinear+Linear"; "plain": none): the layer's graph, and so
+    whether compiling it pays, depends on them (a DoRA layer has more elementwise work to fuse)."""
+    kinds = {type(m).__name__ for m in layer.modules() if type(m).__module__.startswith("lorakit.")}
+    return "+".join(sorted(kinds)) or "plain"
+
+
 def compile_pays(model: nn.Module, tokens: int, dtype: torch.dtype) -> bool:
     """Whether the compiled layers run this model's forward and backward faster than eager on this machine:
     measured once per machine and shape on a (1, tokens) batch (`lorakit.core.autotune`), cached."""
@@ -95,7 +102,8 @@ def compile_pays(model: nn.Module, tokens: int, dtype: torch.dtype) -> bool:
     if layers is None:
         return False
     hidden = getattr(model.config, "hidden_size", 0)
-    key = f"{type(layers[0]).__name__} L{len(layers)} d{hidden} t{tokens} {str(dtype).removeprefix('torch.')}"
+    key = (f"{type(layers[0]).__name__} L{len(layers)} d{hidden} t{tokens} {str(dtype).removeprefix('torch.')} "
+           f"{adapter_kinds(layers[0])}")
     run = _fwd_bwd(model, tokens)
 
     def compiled() -> None:

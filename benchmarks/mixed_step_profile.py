@@ -3,8 +3,11 @@
 Default model in bf16, 16 requests with 64-token prompts, 10 decoding steps timed and 10 profiled
 (torch.profiler self time per step, the top operators).
 
-    PYTHONPATH=src .venv/bin/python benchmarks/mixed_step_profile.py
+    PYTHONPATH=src .venv/bin/python benchmarks/mixed_step_profile.py [gather|segment] [fp32|bf16]
+
+The arguments pick the engine's LoRA strategy and the dtype of its LoRA factors (default: gather, fp32).
 """
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -17,12 +20,13 @@ from lorakit.tools.serve_workload import BenchServeConfig, write_adapters
 from lorakit.training.models import load_model
 
 
-def main(rows: int = 16, adapters: int = 8, steps: int = 10) -> None:
+def main(strategy: str = "gather", lora_dtype: str = "fp32", rows: int = 16, adapters: int = 8, steps: int = 10) -> None:
     loaded = load_model(None, device=torch.device("cpu"), fast_cpu_attention=False)
     loaded.model.to(torch.bfloat16)
     engine = Engine(loaded.model, loaded.tokenizer,
-                    EngineConfig(max_batch_size=rows, max_seq_len=512, max_loaded_adapters=adapters))
-    print(f"weight layout: {engine.runner.weight_layout}")
+                    EngineConfig(max_batch_size=rows, max_seq_len=512, max_loaded_adapters=adapters,
+                                 lora_strategy=strategy, lora_dtype=lora_dtype))
+    print(f"weight layout: {engine.runner.weight_layout}, LoRA strategy: {strategy}, factors: {lora_dtype}")
     tmp = tempfile.TemporaryDirectory()  # kept until the end: the engine may read an adapter again
     for k, path in enumerate(write_adapters(engine.model, Path(tmp.name), BenchServeConfig(), adapters)):
         engine.load_adapter(f"adapter{k}", path)
@@ -50,4 +54,4 @@ def main(rows: int = 16, adapters: int = 8, steps: int = 10) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(*sys.argv[1:3])

@@ -78,6 +78,10 @@ class DoraLinear(Linear):
 
     @torch.no_grad()
     def _row_norms_sq(self) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # inside a compiled layer the cache check (data pointers) would break the graph in every DoRA
+            # module; one fused pass over the frozen weight per forward costs less than those breaks
+            return self._weight_matrix().float().pow(2).sum(1)
         key = self._fingerprint(self.base_layer.weight)
         if self._weight_sq is None or self._weight_sq[0] != key:
             self._weight_sq = (key, self._weight_matrix().float().pow(2).sum(1))

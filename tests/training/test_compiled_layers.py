@@ -143,8 +143,8 @@ def test_the_compile_decision_is_kept_per_adapter_kind():
 
 
 def test_a_dora_layer_compiles_into_one_graph():
-    # a graph break in each DoRA module (its eval-mode norm cache compares data pointers) made the compiled
-    # DoRA layers slower than eager
+    # a graph break in each DoRA module (its cache of the frozen weight's row norms compares data pointers)
+    # made the compiled DoRA layers slower than eager
     model = _adapted(dora=True)
     layer = decoder_layers(model)[0]
     x = torch.randn(1, 8, model.config.hidden_size)

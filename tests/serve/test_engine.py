@@ -26,12 +26,13 @@ def greedy(n: int, **kw) -> SamplingParams:
     return SamplingParams(max_tokens=n, ignore_eos=True, **kw)
 
 
-@pytest.mark.parametrize("strategy,prefill", [("gather", "with_decode"), ("segment", "with_decode"),
-                                              ("gather", "separate"), ("segment", "separate")])
+@pytest.mark.parametrize("strategy,prefill,kernel", [("gather", "with_decode", "fused"), ("gather", "with_decode", "torch"),
+                                                     ("segment", "with_decode", "fused"), ("gather", "separate", "fused"),
+                                                     ("segment", "separate", "torch")])
 def test_mixed_batch_equals_each_request_alone_with_generate_and_peft(tiny_model_dir, smollm_tokenizer, adapter_dirs,
-                                                                      strategy, prefill):
+                                                                      strategy, prefill, kernel):
     engine = make_engine(tiny_model_dir, smollm_tokenizer, adapter_dirs, max_batch_size=4, lora_strategy=strategy,
-                         prefill=prefill)
+                         prefill=prefill, lora_kernel=kernel)
     # more requests than rows: they join as others leave (max_tokens differ, so rows leave at different steps)
     names = [None, *ADAPTERS, "r4", None, "peft"]
     requests = [Request(PROMPTS[i % len(PROMPTS)], adapter=name, params=greedy(4 + 2 * (i % 3)))

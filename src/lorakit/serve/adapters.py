@@ -57,6 +57,7 @@ class GroupFactors:
     g: torch.Tensor | None  # (layers, d_out) DoRA's per-row scale, None without DoRA
     present: list[bool]  # layers where the adapter adapts some projection of the group
     ranks: tuple[int, ...]  # each projection's rank (0: not adapted), its rows of A and Bt in order
+    widths: tuple[int, ...]  # each projection's output width, its columns of Bt in order
 
     @property
     def rank(self) -> int:
@@ -151,7 +152,7 @@ def _stack_group(layers: list[GroupLayout], per_module: dict, base_weight: Calla
             col += width
         present.append(any(m in per_module for m in layout.modules))
     to = {"dtype": dtype, "device": device}
-    return GroupFactors(A.to(**to), Bt.to(**to), None if g is None else g.to(**to), present, ranks)
+    return GroupFactors(A.to(**to), Bt.to(**to), None if g is None else g.to(**to), present, ranks, first.out_sizes)
 
 
 def read_adapter(name: str, directory: str | Path, layout: list[list[GroupLayout]],

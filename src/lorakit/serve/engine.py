@@ -29,6 +29,7 @@ from lorakit.serve.adapters import AdapterStore, AdapterWeights, read_adapter
 from lorakit.serve.detokenize import IncrementalText
 from lorakit.serve.kv_cache import layout_moves
 from lorakit.serve.llama import GROUPS, LlamaRunner, StepBatch
+from lorakit.serve.lora_kernel import pick as pick_lora_kernel
 from lorakit.serve.multi_lora import DecodePlan, GatherPlan, LoraBatch, OneAdapterPlan, RowFactors, SegmentPlan
 from lorakit.serve.prompts import prompt_ids
 from lorakit.serve.requests import (
@@ -62,6 +63,9 @@ class EngineConfig:
             slower than fp32 ones), the model's dtype elsewhere.
         weight_layout: how the base weights are held for decoding: "auto" (the fastest on this machine,
             measured once), "transposed", "rows" or "packed" (lorakit.serve.weights).
+        lora_kernel: how decoding rows run the LoRA branch: "fused" (one compiled call per group on the CPU,
+            built once per machine: lorakit.serve.lora_kernel), "torch" (torch ops) or "auto" (fused where
+            it applies and builds, else torch).
     """
 
     max_batch_size: int = 16
@@ -73,6 +77,7 @@ class EngineConfig:
     prefill: Literal["with_decode", "separate"] = "with_decode"
     lora_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     weight_layout: Literal["auto", "transposed", "rows", "packed"] = "auto"
+    lora_kernel: Literal["auto", "fused", "torch"] = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_seq_len", "max_loaded_adapters", "max_prefill_tokens"):
@@ -81,7 +86,7 @@ class EngineConfig:
                 raise LorakitError(f"{name}={value!r} is invalid: give a positive integer.")
         choices = {"lora_strategy": ("gather", "segment"), "prefill": ("with_decode", "separate"),
                    "lora_dtype": ("auto", "fp32", "bf16", "fp16"),
-                   "weight_layout": ("auto", *LAYOUTS)}
+                   "weight_layout": ("auto", *LAYOUTS), "lora_kernel": ("auto", "fused", "torch")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise LorakitError(f"{name}={getattr(self, name)!r} is invalid: use one of {', '.join(allowed)}.")
@@ -125,6 +130,7 @@ class Engine:
         self.device = self.runner.device
         names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
         self.lora_dtype = names.get(config.lora_dtype) or (torch.float32 if self.device.type == "cpu" else self.runner.dtype)
+        self.lora_kernel = pick_lora_kernel(config.lora_kernel, self.device, self.runner.dtype, self.lora_dtype)
         self.stop_ids = set(stop_token_ids(tokenizer))
         self.store = AdapterStore(self._read, config.max_loaded_adapters)
         dims = {g: (len(self.runner.layout), layout.in_features, layout.out_sizes)
@@ -369,10 +375,10 @@ class Engine:
             # one adapter on every row (batch-1 decoding above all): its two plain GEMMs per group beat the
             # gather's per-projection batched matmuls (README, Serving: 0.84x -> 0.95x the base at batch 1)
             if adapters and all(a is adapters[0] for a in adapters):
-                plan = OneAdapterPlan(adapters[0], len(adapters))
+                plan = OneAdapterPlan(adapters[0], len(adapters), self.lora_kernel)
             elif adapters and factors is not None:
                 factors.fit(occupied)  # blocks as wide as the rows in the cache need
-                plan = GatherPlan(factors, adapters)
+                plan = GatherPlan(factors, adapters, self.lora_kernel)
             elif adapters:
                 plan = SegmentPlan(adapters, self.device)
             self._plan = ((key[0], factors.version if factors is not None else 0), plan)

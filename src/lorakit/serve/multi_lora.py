@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from lorakit.serve.adapters import AdapterWeights, GroupFactors
+from lorakit.serve.lora_kernel import Update
 
 
 class RowFactors:
@@ -107,28 +108,44 @@ class RowFactors:
 
 
 class GatherPlan:
-    """The gather strategy for decoding rows 0..n-1, all on adapters (see the module docstring)."""
+    """The gather strategy for decoding rows 0..n-1, all on adapters (see the module docstring).
 
-    def __init__(self, factors: RowFactors, adapters: list[AdapterWeights]) -> None:
+    With `kernel` (lorakit.serve.lora_kernel's compiled function) a group is one call on the per-row
+    buffers; without, batched matmuls: one for A, one per projection for B.
+    """
+
+    def __init__(self, factors: RowFactors, adapters: list[AdapterWeights], kernel: Update | None = None) -> None:
         n = len(adapters)
         self.n = n
         self.A: dict[str, torch.Tensor] = {}
         self.B: dict[str, list[tuple[int, int, int, int, torch.Tensor]]] = {}  # (row, rank, col, width, Bt)
         self.g: dict[str, torch.Tensor] = {}
+        self.fused: dict[str, list[tuple[torch.Tensor, list[torch.Tensor]]]] = {}  # group -> per layer (A, Bts)
+        self.kernel = kernel
         for group, caps in factors.caps.items():
             used = [max(factors.rank[group][s][i] for s in range(n)) for i in range(len(caps))]
             if not any(used):
                 continue  # no row's adapter touches this group
+            if group in factors.g and any(_dora(a.groups.get(group)) for a in adapters):
+                self.g[group] = factors.g[group][:, :n]
+            if kernel is not None:  # whole blocks (zero beyond each row's rank): the kernel reads them in place
+                A, Bts = factors.A[group][:, :n], [Bt[:, :n] for Bt in factors.Bt[group]]
+                self.fused[group] = [(A[layer], [Bt[layer] for Bt in Bts]) for layer in range(A.shape[0])]
+                continue
             self.A[group] = factors.A[group][:, :n].transpose(2, 3)  # (layers, n, d_in, sum(caps))
             sizes = factors.layouts[group][2]
             offsets, cols = [sum(caps[:i]) for i in range(len(caps))], [sum(sizes[:i]) for i in range(len(sizes))]
             self.B[group] = [(off, r, col, size, Bt[:, :n, :r]) for off, r, col, size, Bt
                              in zip(offsets, used, cols, sizes, factors.Bt[group]) if r]
-            if group in factors.g and any(_dora(a.groups.get(group)) for a in adapters):
-                self.g[group] = factors.g[group][:, :n]
 
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """out (n, d_out) += each row's update of x (n, d_in); DoRA rows scaled by their g."""
+        fused = self.fused.get(group)
+        if fused is not None:
+            self.kernel(x, *fused[layer], out)
+            if group in self.g:
+                out.mul_(self.g[group][layer])
+            return
         A = self.A.get(group)
         if A is None:
             return
@@ -168,21 +185,38 @@ class OneAdapterPlan:
     per call only a list lookup before the kernels.
     """
 
-    def __init__(self, weights: AdapterWeights, n: int) -> None:
+    def __init__(self, weights: AdapterWeights, n: int, kernel: Update | None = None) -> None:
         self.n = n
-        # group -> per layer (A^T (d_in, R) contiguous, Bt (R, d_out), DoRA's g (d_out,) or None); None where
-        # the adapter leaves the layer's group alone
-        self.layers: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None]] = {
-            group: [(f.A[i].T.contiguous(), f.Bt[i], None if f.g is None else f.g[i]) if f.present[i] else None
+        self.kernel = kernel
+        # group -> per layer: with the kernel, (A (1, R, d_in), [each projection's block of Bt, (1, r, d_out_i)],
+        # g); without, (A^T (d_in, R) contiguous, Bt (R, d_out), g); g is DoRA's (d_out,) or None. None where the
+        # adapter leaves the layer's group alone.
+        self.layers: dict[str, list[tuple | None]] = {
+            group: [(self._fused_operands(f, i) if kernel is not None else (f.A[i].T.contiguous(), f.Bt[i]))
+                    + (None if f.g is None else f.g[i],) if f.present[i] else None
                     for i in range(len(f.present))]
             for group, f in weights.groups.items()}
+
+    @staticmethod
+    def _fused_operands(factors: GroupFactors, layer: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        Bt, blocks, first, col = factors.Bt[layer], [], 0, 0  # Bt is block-diagonal: pass only the blocks
+        for rank, width in zip(factors.ranks, factors.widths):
+            blocks.append(Bt[first:first + rank, col:col + width].unsqueeze(0))
+            first, col = first + rank, col + width
+        return factors.A[layer].unsqueeze(0), blocks
 
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """out (n, d_out) += the adapter's update of x (n, d_in); scaled by g under DoRA."""
         factors = self.layers.get(group)
         if factors is None or factors[layer] is None:
             return
-        add_update(x, *factors[layer], out)
+        if self.kernel is None:
+            add_update(x, *factors[layer], out)
+            return
+        A, Bts, g = factors[layer]
+        self.kernel(x, A, Bts, out)
+        if g is not None:
+            out.mul_(g)
 
 
 class SegmentPlan:

@@ -49,6 +49,9 @@ class BenchServeConfig:
     """The dtype of the engine's LoRA factors (auto: fp32 on the CPU, the model's elsewhere)."""
     weight_layout: Literal["auto", "transposed", "rows", "packed"] = "auto"
     """How the engine holds the base weights (auto: the fastest on this machine, measured once)."""
+    lora_kernel: Literal["auto", "fused", "torch"] = "auto"
+    """How the engine's decoding rows run the LoRA branch: one compiled call per group (fused), torch ops,
+    or auto (fused where it builds)."""
     prefill: Literal["with_decode", "separate"] = "with_decode"
     """Whether new prompts ride in the decoding step or get a forward of their own."""
     decode_tokens: int = 128

@@ -26,13 +26,12 @@ def greedy(n: int, **kw) -> SamplingParams:
     return SamplingParams(max_tokens=n, ignore_eos=True, **kw)
 
 
-@pytest.mark.parametrize("strategy,prefill,kernel", [("gather", "with_decode", "fused"), ("gather", "with_decode", "torch"),
-                                                     ("segment", "with_decode", "fused"), ("gather", "separate", "fused"),
-                                                     ("segment", "separate", "torch")])
+@pytest.mark.parametrize("strategy,prefill", [("fused", "with_decode"), ("gather", "with_decode"), ("segment", "with_decode"),
+                                              ("fused", "separate"), ("gather", "separate"), ("segment", "separate")])
 def test_mixed_batch_equals_each_request_alone_with_generate_and_peft(tiny_model_dir, smollm_tokenizer, adapter_dirs,
-                                                                      strategy, prefill, kernel):
+                                                                      strategy, prefill):
     engine = make_engine(tiny_model_dir, smollm_tokenizer, adapter_dirs, max_batch_size=4, lora_strategy=strategy,
-                         prefill=prefill, lora_kernel=kernel)
+                         prefill=prefill)
     # more requests than rows: they join as others leave (max_tokens differ, so rows leave at different steps)
     names = [None, *ADAPTERS, "r4", None, "peft"]
     requests = [Request(PROMPTS[i % len(PROMPTS)], adapter=name, params=greedy(4 + 2 * (i % 3)))

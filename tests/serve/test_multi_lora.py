@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lorakit.serve.adapters import AdapterWeights, GroupFactors
-from lorakit.serve.lora_kernel import fused_update
-from lorakit.serve.multi_lora import GatherPlan, LoraBatch, OneAdapterPlan, RowFactors, SegmentPlan
+from lorakit.serve.lora_kernel import build_kernel
+from lorakit.serve.multi_lora import FusedPlan, GatherPlan, LoraBatch, OneAdapterPlan, RowFactors, SegmentPlan
 
 LAYERS, D_IN, SIZES = 2, 12, (6, 4)  # a group of two projections, outputs side by side
 D_OUT = sum(SIZES)
@@ -26,8 +26,8 @@ def adapter(name, ranks, dora=False, seed=0):
     return AdapterWeights(name, None, {"g": GroupFactors(A, Bt, g_scale, [True] * LAYERS, tuple(ranks), SIZES)})
 
 
-def fused_kernel():
-    kernel, reason = fused_update()
+def compiled_kernel():
+    kernel, reason = build_kernel()
     assert kernel is not None, reason  # CI has the compiler and ninja: a build failure is a failure
     return kernel
 
@@ -42,7 +42,7 @@ def reference(rows, x, out, layer):
     return out
 
 
-@pytest.mark.parametrize("strategy", ["gather", "gather-fused", "segment"])
+@pytest.mark.parametrize("strategy", ["gather", "segment", "fused"])
 def test_each_row_gets_its_own_adapters_update(strategy):
     a, b, c = adapter("a", (2, 1), seed=1), adapter("b", (3, 0), dora=True, seed=2), adapter("c", (0, 4), seed=3)
     big = adapter("big", (7, 6), seed=5)
@@ -54,8 +54,9 @@ def test_each_row_gets_its_own_adapters_update(strategy):
         factors.assign(slot, weights)
     factors.fit(list(range(len(rows))))  # the big adapter left: the blocks shrink to what the rows need
     assert factors.caps["g"] == (3, 4)
-    plan = SegmentPlan(rows, torch.device("cpu")) if strategy == "segment" else \
-        GatherPlan(factors, rows, fused_kernel() if strategy == "gather-fused" else None)
+    plans = {"gather": lambda: GatherPlan(factors, rows), "segment": lambda: SegmentPlan(rows, torch.device("cpu")),
+             "fused": lambda: FusedPlan(rows, compiled_kernel())}
+    plan = plans[strategy]()
     x, base = torch.randn(len(rows) + 2, D_IN), torch.randn(len(rows) + 2, D_OUT)  # 2 trailing base rows
     for layer in range(LAYERS):
         out = base.clone()
@@ -71,7 +72,7 @@ def test_one_adapter_on_every_row_equals_the_loop(dora, fused):
     a.groups["g"].present[0] = False  # a layer the adapter leaves alone
     a.groups["g"].A[0] = 0
     x, base = torch.randn(5, D_IN), torch.randn(5, D_OUT)
-    plan = OneAdapterPlan(a, 3, fused_kernel() if fused else None)  # rows 0..2 decode on the adapter, 3..4 are base rows
+    plan = FusedPlan([a] * 3, compiled_kernel()) if fused else OneAdapterPlan(a, 3)  # rows 0..2 decode on the adapter, 3..4 are base rows
     for layer in range(LAYERS):
         out = base.clone()
         LoraBatch(plan, []).apply(layer, "g", x, out)

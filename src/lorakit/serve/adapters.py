@@ -58,6 +58,7 @@ class GroupFactors:
     present: list[bool]  # layers where the adapter adapts some projection of the group
     ranks: tuple[int, ...]  # each projection's rank (0: not adapted), its rows of A and Bt in order
     widths: tuple[int, ...]  # each projection's output width, its columns of Bt in order
+    kernel_table: torch.Tensor | None = field(default=None, repr=False, compare=False)  # lora_kernel's, made once
 
     @property
     def rank(self) -> int:

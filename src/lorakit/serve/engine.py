@@ -30,7 +30,7 @@ from lorakit.serve.detokenize import IncrementalText
 from lorakit.serve.kv_cache import layout_moves
 from lorakit.serve.llama import GROUPS, LlamaRunner, StepBatch
 from lorakit.serve.lora_kernel import pick as pick_lora_kernel
-from lorakit.serve.multi_lora import DecodePlan, GatherPlan, LoraBatch, OneAdapterPlan, RowFactors, SegmentPlan
+from lorakit.serve.multi_lora import DecodePlan, FusedPlan, GatherPlan, LoraBatch, OneAdapterPlan, RowFactors, SegmentPlan
 from lorakit.serve.prompts import prompt_ids
 from lorakit.serve.requests import (
     Completion,
@@ -55,17 +55,16 @@ class EngineConfig:
             when another must load, and read again when a request needs it.
         max_prefill_tokens: prompt tokens admitted per step (one longer prompt is still admitted alone).
         max_queued: requests waiting beyond the batch; `submit` refuses more (None: no limit).
-        lora_strategy: the per-row LoRA branch of decoding rows: "gather" (per-row factors, batched
-            matmuls) or "segment" (rows grouped by adapter, GEMMs per group); see lorakit.serve.multi_lora.
+        lora_strategy: the per-row LoRA branch of decoding rows: "fused" (one compiled call per group, each
+            row reading its adapter's factors; on the CPU, built once per machine), "gather" (per-row copies
+            of the factors, batched matmuls), "segment" (rows grouped by adapter, GEMMs per group) or "auto"
+            (fused where it applies and builds, else gather); see lorakit.serve.multi_lora.
         prefill: "with_decode" (new prompts ride in the running rows' decoding step) or "separate" (a
             forward of their own first).
         lora_dtype: the dtype of the LoRA factors: "auto" is fp32 on the CPU (its small bf16 GEMMs are
             slower than fp32 ones), the model's dtype elsewhere.
         weight_layout: how the base weights are held for decoding: "auto" (the fastest on this machine,
             measured once), "transposed", "rows" or "packed" (lorakit.serve.weights).
-        lora_kernel: how decoding rows run the LoRA branch: "fused" (one compiled call per group on the CPU,
-            built once per machine: lorakit.serve.lora_kernel), "torch" (torch ops) or "auto" (fused where
-            it applies and builds, else torch).
     """
 
     max_batch_size: int = 16
@@ -73,20 +72,19 @@ class EngineConfig:
     max_loaded_adapters: int = 8
     max_prefill_tokens: int = 2048
     max_queued: int | None = None
-    lora_strategy: Literal["gather", "segment"] = "gather"
+    lora_strategy: Literal["auto", "fused", "gather", "segment"] = "auto"
     prefill: Literal["with_decode", "separate"] = "with_decode"
     lora_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     weight_layout: Literal["auto", "transposed", "rows", "packed"] = "auto"
-    lora_kernel: Literal["auto", "fused", "torch"] = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_seq_len", "max_loaded_adapters", "max_prefill_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise LorakitError(f"{name}={value!r} is invalid: give a positive integer.")
-        choices = {"lora_strategy": ("gather", "segment"), "prefill": ("with_decode", "separate"),
+        choices = {"lora_strategy": ("auto", "fused", "gather", "segment"), "prefill": ("with_decode", "separate"),
                    "lora_dtype": ("auto", "fp32", "bf16", "fp16"),
-                   "weight_layout": ("auto", *LAYOUTS), "lora_kernel": ("auto", "fused", "torch")}
+                   "weight_layout": ("auto", *LAYOUTS)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise LorakitError(f"{name}={getattr(self, name)!r} is invalid: use one of {', '.join(allowed)}.")
@@ -130,13 +128,15 @@ class Engine:
         self.device = self.runner.device
         names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
         self.lora_dtype = names.get(config.lora_dtype) or (torch.float32 if self.device.type == "cpu" else self.runner.dtype)
-        self.lora_kernel = pick_lora_kernel(config.lora_kernel, self.device, self.runner.dtype, self.lora_dtype)
+        self.lora_kernel = pick_lora_kernel(config.lora_strategy, self.device, self.runner.dtype, self.lora_dtype)
+        # the strategy that runs ("auto" resolved)
+        self.lora_strategy = "fused" if self.lora_kernel is not None else config.lora_strategy.replace("auto", "gather")
         self.stop_ids = set(stop_token_ids(tokenizer))
         self.store = AdapterStore(self._read, config.max_loaded_adapters)
         dims = {g: (len(self.runner.layout), layout.in_features, layout.out_sizes)
                 for g, layout in zip(GROUPS, self.runner.layout[0])}
         self.row_factors = RowFactors(dims, config.max_batch_size + 1, self.lora_dtype, self.device) \
-            if config.lora_strategy == "gather" else None
+            if self.lora_strategy == "gather" else None
         self.rows: list[_Row] = []
         self.queue: deque[RequestHandle] = deque()
         self.generated_tokens = 0
@@ -374,11 +374,13 @@ class Engine:
             plan = None
             # one adapter on every row (batch-1 decoding above all): its two plain GEMMs per group beat the
             # gather's per-projection batched matmuls (README, Serving: 0.84x -> 0.95x the base at batch 1)
-            if adapters and all(a is adapters[0] for a in adapters):
-                plan = OneAdapterPlan(adapters[0], len(adapters), self.lora_kernel)
+            if adapters and self.lora_kernel is not None:
+                plan = FusedPlan(adapters, self.lora_kernel)
+            elif adapters and all(a is adapters[0] for a in adapters):
+                plan = OneAdapterPlan(adapters[0], len(adapters))
             elif adapters and factors is not None:
                 factors.fit(occupied)  # blocks as wide as the rows in the cache need
-                plan = GatherPlan(factors, adapters, self.lora_kernel)
+                plan = GatherPlan(factors, adapters)
             elif adapters:
                 plan = SegmentPlan(adapters, self.device)
             self._plan = ((key[0], factors.version if factors is not None else 0), plan)

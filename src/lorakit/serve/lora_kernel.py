@@ -1,12 +1,16 @@
-"""The LoRA branch as one compiled call per projection group on the CPU (csrc/lora_update.cpp).
+"""The LoRA branch of the decoding rows as one compiled call per projection group, on the CPU
+(csrc/lora_update.cpp: Punica's BGMV, each row reading its own adapter's factors where they lie).
 
-Decoding runs the branch on a few rows, where its arithmetic is tiny and its cost is the number of
-kernel calls: as torch ops, a group takes 4-7 of them (cast, A product, a B product per projection, add).
-The compiled function does a group in one call (README, Serving, for the measurements). It is built on
-first use with torch's C++ extension builder (ninja and the C++ compiler, as DeepSpeed builds its ops),
-for this CPU (-march=native) and this torch, into torch's extension directory (TORCH_EXTENSIONS_DIR); a
-build takes about 12 s once per machine. Where it cannot be built, `fused_update` says why and the engine
-keeps its torch path (`EngineConfig.lora_kernel`).
+Decoding runs the branch on a few rows, where its arithmetic is tiny and its cost is the number of kernel
+calls (as torch ops a group takes 4-7: cast, A product, a B product per projection, add) and, for batched
+matmuls, the per-row copies of the factors. The compiled function does a group in one call (README, Serving,
+for the measurements). It is built on first use with torch's C++ extension builder (ninja and the C++
+compiler, as DeepSpeed builds its ops), for this CPU (-march=native) and this torch, into torch's extension
+directory (TORCH_EXTENSIONS_DIR); a build takes about 12 s, once per machine. Where it cannot be built,
+`build_kernel` says why and the engine keeps its torch ops (`EngineConfig.lora_strategy`).
+
+The kernel's table (`kernel_table`) holds the addresses of an adapter's factors: whoever calls the kernel
+keeps the adapter alive (`FusedPlan` holds its adapters).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from typing import Callable
 import torch
 
 from lorakit.core.errors import LorakitError
+from lorakit.serve.adapters import GroupFactors
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +34,8 @@ SOURCE = Path(__file__).with_name("csrc") / "lora_update.cpp"
 # x dtype -> factor dtypes the compiled function takes with it
 SUPPORTED = {torch.float32: (torch.float32,), torch.bfloat16: (torch.float32, torch.bfloat16)}
 
-Update = Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor], None]
+# lora_rows_(x (n, d_in), out (n, d_out), table (rows, 3 + 3 * blocks) int64, widths, bf16 factors) -> None
+Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, list[int], bool], None]
 
 
 def supports(device: torch.device, x_dtype: torch.dtype, factor_dtype: torch.dtype) -> bool:
@@ -37,20 +43,20 @@ def supports(device: torch.device, x_dtype: torch.dtype, factor_dtype: torch.dty
     return device.type == "cpu" and factor_dtype in SUPPORTED.get(x_dtype, ())
 
 
-def fused_update() -> tuple[Update | None, str]:
-    """(the compiled `lora_update_(x, A, Bts, out)`, "") or (None, why it could not be built); built once a process."""
+def build_kernel() -> tuple[Kernel | None, str]:
+    """(the compiled `lora_rows_`, "") or (None, why it could not be built); built once a process."""
     return _build()
 
 
 @functools.cache
-def _build() -> tuple[Update | None, str]:
+def _build() -> tuple[Kernel | None, str]:
     from lorakit.core.autotune import cpu_model
 
     source = SOURCE.read_bytes()
     flags = ["-O3", "-march=native", "-fopenmp"]
     # -march=native: the name carries the CPU, so a home directory shared between machines builds per CPU
     tag = hashlib.sha256(b"\0".join([source, cpu_model().encode(), torch.__version__.encode(), " ".join(flags).encode()]))
-    name = f"lorakit_lora_update_{tag.hexdigest()[:12]}"
+    name = f"lorakit_lora_rows_{tag.hexdigest()[:12]}"
     scripts = sysconfig.get_path("scripts")  # pip's ninja lives beside this Python, maybe off PATH (no venv activated)
     if shutil.which("ninja") is None and scripts and shutil.which("ninja", path=scripts):
         os.environ["PATH"] = os.pathsep.join([scripts, os.environ.get("PATH", "")])
@@ -58,43 +64,58 @@ def _build() -> tuple[Update | None, str]:
         from torch.utils.cpp_extension import load
 
         module = load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as error:  # noqa: BLE001 - no compiler, no ninja, a failed build: all mean the torch path
-        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
+    except Exception as error:  # noqa: BLE001 - no compiler, no ninja, a failed build: all mean torch ops
+        text = str(error).strip()
+        reason = f"{type(error).__name__}: {text.splitlines()[-1] if text else ''}"
         log.warning("lorakit: the compiled LoRA kernel could not be built (%s); using torch ops", reason)
         return None, reason
-    return module.lora_update_, ""
+    return module.lora_rows_, ""
 
 
-def reference_update(x: torch.Tensor, A: torch.Tensor, Bts: list[torch.Tensor], out: torch.Tensor) -> None:
-    """What the compiled function computes, as torch ops in fp32 (tests compare the two)."""
-    n = x.shape[0]
-    h = torch.bmm(x.float().unsqueeze(1), A.float().expand(n, -1, -1).transpose(1, 2)).squeeze(1)  # (n, R)
+def kernel_table(factors: GroupFactors) -> torch.Tensor:
+    """(layers, 3 + 3 * projections) int64: per layer [row (0: the caller sets it), A, g, then per projection: Bt,
+    rank, Bt's row stride], as addresses into `factors`; all zero in layers the adapter leaves alone.
+    Computed once per adapter and group (kept on `factors`)."""
+    if factors.kernel_table is not None:
+        return factors.kernel_table
+    A, Bt, g = factors.A, factors.Bt, factors.g
+    if A.stride(2) != 1 or A.stride(1) != A.shape[2] or Bt.stride(2) != 1 or (g is not None and g.stride(1) != 1):
+        raise ValueError("kernel_table: the factors must be contiguous within a layer")
+    layers, size = A.shape[0], A.element_size()
+    index = torch.arange(layers, dtype=torch.long)
+    table = torch.zeros(layers, 3 + 3 * len(factors.ranks), dtype=torch.long)
+    table[:, 1] = A.data_ptr() + index * A.stride(0) * size
+    if g is not None:
+        table[:, 2] = g.data_ptr() + index * g.stride(0) * size
     first, col = 0, 0
-    for Bt in Bts:
-        rank, width = Bt.shape[1], Bt.shape[2]
+    for block, (rank, width) in enumerate(zip(factors.ranks, factors.widths)):
         if rank:
-            update = torch.bmm(h[:, first:first + rank].unsqueeze(1), Bt.float().expand(n, -1, -1)).squeeze(1)
-            out[:, col:col + width] = (out[:, col:col + width].float() + update).to(out.dtype)
+            table[:, 3 + 3 * block] = Bt.data_ptr() + (index * Bt.stride(0) + first * Bt.stride(1) + col) * size
+            table[:, 4 + 3 * block] = rank
+            table[:, 5 + 3 * block] = Bt.stride(1)
         first, col = first + rank, col + width
+    table[~torch.tensor(factors.present, dtype=torch.bool)] = 0
+    factors.kernel_table = table
+    return table
 
 
-def pick(choice: str, device: torch.device, x_dtype: torch.dtype, factor_dtype: torch.dtype) -> Update | None:
-    """The engine's LoRA kernel for `EngineConfig.lora_kernel`: "torch" (None: torch ops), "fused" (the compiled
-    function, or an error saying why not), "auto" (the compiled function where it applies and builds).
+def pick(strategy: str, device: torch.device, x_dtype: torch.dtype, factor_dtype: torch.dtype) -> Kernel | None:
+    """The compiled kernel for `EngineConfig.lora_strategy`: None for "gather" and "segment" (torch ops); for
+    "fused" the kernel or an error saying why not; for "auto" the kernel where it applies and builds, else None.
 
     Raises:
         LorakitError: "fused" on a device or dtypes it does not take, or where it cannot be built.
     """
-    if choice == "torch":
+    if strategy not in ("auto", "fused"):
         return None
     if not supports(device, x_dtype, factor_dtype):
-        if choice == "fused":
-            raise LorakitError(f"lora_kernel='fused' runs on the CPU with an fp32 model and fp32 factors or a bf16 model "
-                               f"and fp32/bf16 factors, not {device.type} with {x_dtype} and {factor_dtype}: use "
-                               f"lora_kernel='auto' or 'torch'.")
+        if strategy == "fused":
+            raise LorakitError(f"lora_strategy='fused' runs on the CPU with an fp32 model and fp32 factors or a bf16 "
+                               f"model and fp32/bf16 factors, not {device.type} with {x_dtype} and {factor_dtype}: use "
+                               f"lora_strategy='auto', 'gather' or 'segment'.")
         return None
-    kernel, reason = fused_update()
-    if kernel is None and choice == "fused":
-        raise LorakitError(f"lora_kernel='fused' could not be built ({reason}): it needs a C++ compiler and ninja "
-                           f"(`pip install ninja`); or use lora_kernel='auto' or 'torch'.")
+    kernel, reason = build_kernel()
+    if kernel is None and strategy == "fused":
+        raise LorakitError(f"lora_strategy='fused' could not be built ({reason}): it needs a C++ compiler and ninja "
+                           f"(`pip install ninja`); or use lora_strategy='auto', 'gather' or 'segment'.")
     return kernel

@@ -12,8 +12,12 @@ update `x A^T Bt` (and DoRA's per-row scale) in place. Two ways for the decoding
 * **segment** (S-LoRA/Punica's SGMV as a loop): rows are grouped by adapter and each group runs two plain
   GEMMs on its own factors: each adapter's factors are read once, at two calls per adapter in the batch.
 
-When every decoding row is on the same adapter (batch-1 decoding above all), the engine runs
-`OneAdapterPlan` whatever the strategy: two plain GEMMs per group, no per-row copies, no regrouping.
+* **fused** (the default where it builds: `FusedPlan`): each group is one call of lorakit's compiled kernel
+  (lorakit.serve.lora_kernel), in which each row reads its own adapter's factors where they lie, rows on the
+  same adapter one after another: no per-row copies, one call per group whatever the mix of adapters.
+
+When every decoding row is on the same adapter (batch-1 decoding above all), gather and segment run
+`OneAdapterPlan`: two plain GEMMs per group, no per-row copies, no regrouping.
 
 Rows on the base model sit after the adapter rows (the engine keeps that order) and skip the branch.
 Newly admitted prompts (prefill) are one contiguous segment each and always run segment-wise.
@@ -23,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from lorakit.serve.adapters import AdapterWeights, GroupFactors
-from lorakit.serve.lora_kernel import Update
+from lorakit.serve.lora_kernel import Kernel, kernel_table
 
 
 class RowFactors:
@@ -108,44 +112,28 @@ class RowFactors:
 
 
 class GatherPlan:
-    """The gather strategy for decoding rows 0..n-1, all on adapters (see the module docstring).
+    """The gather strategy for decoding rows 0..n-1, all on adapters (see the module docstring)."""
 
-    With `kernel` (lorakit.serve.lora_kernel's compiled function) a group is one call on the per-row
-    buffers; without, batched matmuls: one for A, one per projection for B.
-    """
-
-    def __init__(self, factors: RowFactors, adapters: list[AdapterWeights], kernel: Update | None = None) -> None:
+    def __init__(self, factors: RowFactors, adapters: list[AdapterWeights]) -> None:
         n = len(adapters)
         self.n = n
         self.A: dict[str, torch.Tensor] = {}
         self.B: dict[str, list[tuple[int, int, int, int, torch.Tensor]]] = {}  # (row, rank, col, width, Bt)
         self.g: dict[str, torch.Tensor] = {}
-        self.fused: dict[str, list[tuple[torch.Tensor, list[torch.Tensor]]]] = {}  # group -> per layer (A, Bts)
-        self.kernel = kernel
         for group, caps in factors.caps.items():
             used = [max(factors.rank[group][s][i] for s in range(n)) for i in range(len(caps))]
             if not any(used):
                 continue  # no row's adapter touches this group
-            if group in factors.g and any(_dora(a.groups.get(group)) for a in adapters):
-                self.g[group] = factors.g[group][:, :n]
-            if kernel is not None:  # whole blocks (zero beyond each row's rank): the kernel reads them in place
-                A, Bts = factors.A[group][:, :n], [Bt[:, :n] for Bt in factors.Bt[group]]
-                self.fused[group] = [(A[layer], [Bt[layer] for Bt in Bts]) for layer in range(A.shape[0])]
-                continue
             self.A[group] = factors.A[group][:, :n].transpose(2, 3)  # (layers, n, d_in, sum(caps))
             sizes = factors.layouts[group][2]
             offsets, cols = [sum(caps[:i]) for i in range(len(caps))], [sum(sizes[:i]) for i in range(len(sizes))]
             self.B[group] = [(off, r, col, size, Bt[:, :n, :r]) for off, r, col, size, Bt
                              in zip(offsets, used, cols, sizes, factors.Bt[group]) if r]
+            if group in factors.g and any(_dora(a.groups.get(group)) for a in adapters):
+                self.g[group] = factors.g[group][:, :n]
 
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """out (n, d_out) += each row's update of x (n, d_in); DoRA rows scaled by their g."""
-        fused = self.fused.get(group)
-        if fused is not None:
-            self.kernel(x, *fused[layer], out)
-            if group in self.g:
-                out.mul_(self.g[group][layer])
-            return
         A = self.A.get(group)
         if A is None:
             return
@@ -185,38 +173,21 @@ class OneAdapterPlan:
     per call only a list lookup before the kernels.
     """
 
-    def __init__(self, weights: AdapterWeights, n: int, kernel: Update | None = None) -> None:
+    def __init__(self, weights: AdapterWeights, n: int) -> None:
         self.n = n
-        self.kernel = kernel
-        # group -> per layer: with the kernel, (A (1, R, d_in), [each projection's block of Bt, (1, r, d_out_i)],
-        # g); without, (A^T (d_in, R) contiguous, Bt (R, d_out), g); g is DoRA's (d_out,) or None. None where the
-        # adapter leaves the layer's group alone.
-        self.layers: dict[str, list[tuple | None]] = {
-            group: [(self._fused_operands(f, i) if kernel is not None else (f.A[i].T.contiguous(), f.Bt[i]))
-                    + (None if f.g is None else f.g[i],) if f.present[i] else None
+        # group -> per layer (A^T (d_in, R) contiguous, Bt (R, d_out), DoRA's g (d_out,) or None); None where
+        # the adapter leaves the layer's group alone
+        self.layers: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None]] = {
+            group: [(f.A[i].T.contiguous(), f.Bt[i], None if f.g is None else f.g[i]) if f.present[i] else None
                     for i in range(len(f.present))]
             for group, f in weights.groups.items()}
-
-    @staticmethod
-    def _fused_operands(factors: GroupFactors, layer: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        Bt, blocks, first, col = factors.Bt[layer], [], 0, 0  # Bt is block-diagonal: pass only the blocks
-        for rank, width in zip(factors.ranks, factors.widths):
-            blocks.append(Bt[first:first + rank, col:col + width].unsqueeze(0))
-            first, col = first + rank, col + width
-        return factors.A[layer].unsqueeze(0), blocks
 
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """out (n, d_out) += the adapter's update of x (n, d_in); scaled by g under DoRA."""
         factors = self.layers.get(group)
         if factors is None or factors[layer] is None:
             return
-        if self.kernel is None:
-            add_update(x, *factors[layer], out)
-            return
-        A, Bts, g = factors[layer]
-        self.kernel(x, A, Bts, out)
-        if g is not None:
-            out.mul_(g)
+        add_update(x, *factors[layer], out)
 
 
 class SegmentPlan:
@@ -256,7 +227,36 @@ class SegmentPlan:
             out.copy_(ys.index_select(0, self.inverse))
 
 
-DecodePlan = GatherPlan | SegmentPlan | OneAdapterPlan
+class FusedPlan:
+    """The fused strategy for decoding rows 0..n-1, all on adapters: a group is one call of the compiled kernel.
+
+    Args:
+        adapters: each row's adapter (the plan keeps them: the kernel's tables hold their factors' addresses).
+        kernel: lorakit.serve.lora_kernel's compiled `lora_rows_`.
+    """
+
+    def __init__(self, adapters: list[AdapterWeights], kernel: Kernel) -> None:
+        self.n, self.adapters, self.kernel = len(adapters), adapters, kernel
+        first_seen: dict[int, int] = {}
+        order = sorted(range(self.n), key=lambda i: first_seen.setdefault(id(adapters[i]), i))  # same adapter together
+        # group -> (per layer: the kernel's table of the rows on adapters that touch the group, widths, bf16 factors)
+        self.calls: dict[str, tuple[list[torch.Tensor], list[int], bool]] = {}
+        for group in dict.fromkeys(g for a in adapters for g in a.groups):
+            rows = [i for i in order if group in adapters[i].groups]
+            factors = [adapters[i].groups[group] for i in rows]
+            table = torch.stack([kernel_table(f) for f in factors], dim=1)  # (layers, rows, fields), a copy
+            table[:, :, 0] = torch.tensor(rows)
+            self.calls[group] = (list(table.unbind(0)), list(factors[0].widths), factors[0].A.dtype == torch.bfloat16)
+
+    def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out (n, d_out) += each row's update of x (n, d_in); DoRA rows scaled by their g."""
+        call = self.calls.get(group)
+        if call is not None:
+            tables, widths, bf16 = call
+            self.kernel(x, out, tables[layer], widths, bf16)
+
+
+DecodePlan = GatherPlan | SegmentPlan | OneAdapterPlan | FusedPlan
 
 
 class LoraBatch:

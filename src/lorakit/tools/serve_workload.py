@@ -43,15 +43,12 @@ class BenchServeConfig:
     configs: list[str] = field(default_factory=lambda: list(CONFIGS))
     """Configurations: base, mixed (mixed:N over N adapters), swap, swap-grouped, peft, decode-base,
     decode-unmerged, decode-merged, decode-generate, bandwidth, llama.cpp, agreement."""
-    lora_strategy: Literal["gather", "segment"] = "gather"
-    """The engine's per-row LoRA branch."""
+    lora_strategy: Literal["auto", "fused", "gather", "segment"] = "auto"
+    """The engine's per-row LoRA branch (auto: fused where its kernel builds, else gather)."""
     lora_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """The dtype of the engine's LoRA factors (auto: fp32 on the CPU, the model's elsewhere)."""
     weight_layout: Literal["auto", "transposed", "rows", "packed"] = "auto"
     """How the engine holds the base weights (auto: the fastest on this machine, measured once)."""
-    lora_kernel: Literal["auto", "fused", "torch"] = "auto"
-    """How the engine's decoding rows run the LoRA branch: one compiled call per group (fused), torch ops,
-    or auto (fused where it builds)."""
     prefill: Literal["with_decode", "separate"] = "with_decode"
     """Whether new prompts ride in the decoding step or get a forward of their own."""
     decode_tokens: int = 128

@@ -1,114 +1,118 @@
-// The LoRA branch of one projection group for a few rows, in one call: out[i] += (x[i] A[i]^T) Bt[i].
+// The LoRA branch of one projection group for the decoding rows, in one call: each row reads its own
+// adapter's factors where they lie (Punica's BGMV, on the CPU), out[i] += (x[i] A_i^T) Bt_i, then *= g_i (DoRA).
 //
-// Why: at decoding batch sizes the branch is tiny (8 x 576 multiply-adds per rank row) but, written as
-// torch ops, it costs 4-7 kernel calls per group (cast, A product, B product per projection, add), each
-// 15-25 us of dispatch on a small CPU: more than the arithmetic. Here it is one call that reads x once,
-// keeps h = x A^T (a few floats) in registers, accumulates in fp32 and rounds into out once.
+// Why: at decoding batch sizes the branch is tiny (8 x 576 multiply-adds per rank row), but written as torch
+// ops a group costs 4-7 kernel calls (cast, A product, a B product per projection, add) of 15-25 us each on a
+// small CPU, more than the arithmetic; and batched matmuls need per-row copies of the factors, which at 16 rows
+// are more bytes than half the base model's weights. Here a group is one call: x is read once, h = x A^T stays
+// in a few floats, sums run in fp32, out is rounded once, and rows on the same adapter run one after another
+// (the table is sorted that way) so its factors are read from memory once.
 //
-// Shapes (every innermost dimension contiguous; other strides free, so views need no copy):
-//   x    (n, d_in)                 fp32 or bf16 (the model's dtype)
-//   A    (n or 1, R, d_in)         fp32 or bf16; a first dimension of 1 serves every row (one adapter)
-//   Bts  [(n or 1, r_b, d_b), ...] the factors' dtype; block b takes h's next r_b values and adds into
-//                                  out's next d_b columns (sum of r_b == R; a block of rank 0 skips columns)
-//   out  (n, >= sum d_b)           x's dtype; updated in place
-// Rows run in parallel over torch's threads.
+// Operands:
+//   x      (n, d_in)  fp32 or bf16 (the model's dtype), innermost contiguous
+//   out    (n, d_out) x's dtype, innermost contiguous, updated in place
+//   table  (m, 3 + 3 * blocks) int64, one line per row on an adapter that touches this group:
+//          [row, A, g, then per block: Bt, rank, Bt's row stride]; A, g and Bt are addresses of the adapter's
+//          own factors (the caller keeps them alive): A (sum of ranks, d_in) contiguous, g (d_out) or 0 (no
+//          DoRA), Bt (rank, width) with the given row stride. Block b adds into the next widths[b] columns.
+//   widths the blocks' output widths (every projection of the group, adapted or not)
+//   bf16_factors: A, Bt and g are bf16 (else fp32)
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <algorithm>
 #include <vector>
 
 namespace {
 
-struct Block {
-  const void* data;
-  int64_t row_stride_n, row_stride_r, rank, width;
-};
-
 template <typename XT, typename FT>
-void run(const at::Tensor& x, const at::Tensor& A, const std::vector<Block>& blocks, const at::Tensor& out) {
-  const int64_t n = x.size(0), d_in = x.size(1), R = A.size(1);
+void run(const at::Tensor& x, const at::Tensor& out, const at::Tensor& table, const std::vector<int64_t>& widths) {
+  const int64_t d_in = x.size(1), d_out = out.size(1), lines = table.size(0), fields = table.size(1);
   const XT* xp = x.data_ptr<XT>();
-  const FT* ap = A.data_ptr<FT>();
   XT* op = out.data_ptr<XT>();
-  const int64_t sx = x.stride(0), so = out.stride(0), sa = A.size(0) == 1 ? 0 : A.stride(0), sr = A.stride(1);
-  int64_t widest = 0;
-  for (const Block& b : blocks) widest = std::max(widest, b.width);
-
+  const int64_t* tp = table.data_ptr<int64_t>();
+  const int64_t sx = x.stride(0), so = out.stride(0);
   auto rows = [&](int64_t begin, int64_t end) {
-    std::vector<float> xf(d_in), h(R), acc(widest);
-    for (int64_t i = begin; i < end; ++i) {
-      const XT* xi = xp + i * sx;
+    std::vector<float> xf(d_in), h, acc(d_out);
+    for (int64_t line = begin; line < end; ++line) {
+      const int64_t* entry = tp + line * fields;
+      const int64_t row = entry[0];
+      const FT* A = reinterpret_cast<const FT*>(entry[1]);
+      const FT* g = reinterpret_cast<const FT*>(entry[2]);
+      if (A == nullptr) continue;  // the adapter leaves this layer's group alone
+      const XT* xi = xp + row * sx;
       for (int64_t k = 0; k < d_in; ++k) xf[k] = static_cast<float>(xi[k]);
-      const FT* ai = ap + i * sa;
-      for (int64_t r = 0; r < R; ++r) {
-        const FT* a = ai + r * sr;
+      int64_t rank_sum = 0;
+      for (size_t b = 0; b < widths.size(); ++b) rank_sum += entry[3 + 3 * b + 1];
+      h.resize(rank_sum);
+      for (int64_t r = 0; r < rank_sum; ++r) {
+        const FT* a = A + r * d_in;
         float s = 0.f;
 #pragma omp simd reduction(+ : s)
         for (int64_t k = 0; k < d_in; ++k) s += xf[k] * static_cast<float>(a[k]);
         h[r] = s;
       }
-      XT* o = op + i * so;
-      int64_t first = 0;  // block's first value of h
-      for (const Block& b : blocks) {
-        if (b.rank > 0) {
-          const FT* bi = static_cast<const FT*>(b.data) + i * b.row_stride_n;
-          std::fill(acc.begin(), acc.begin() + b.width, 0.f);
-          for (int64_t r = 0; r < b.rank; ++r) {
-            const float hr = h[first + r];
-            const FT* row = bi + r * b.row_stride_r;
+      XT* o = op + row * so;
+      int64_t first = 0, col = 0;  // the block's first value of h and first column of out
+      for (size_t b = 0; b < widths.size(); ++b) {
+        const FT* Bt = reinterpret_cast<const FT*>(entry[3 + 3 * b]);
+        const int64_t rank = entry[3 + 3 * b + 1], stride = entry[3 + 3 * b + 2], width = widths[b];
+        float* acc_b = acc.data() + col;
+        std::fill(acc_b, acc_b + width, 0.f);
+        for (int64_t r = 0; r < rank; ++r) {
+          const float hr = h[first + r];
+          const FT* line_r = Bt + r * stride;
 #pragma omp simd
-            for (int64_t j = 0; j < b.width; ++j) acc[j] += hr * static_cast<float>(row[j]);
-          }
-          for (int64_t j = 0; j < b.width; ++j) o[j] = static_cast<XT>(static_cast<float>(o[j]) + acc[j]);
+          for (int64_t j = 0; j < width; ++j) acc_b[j] += hr * static_cast<float>(line_r[j]);
         }
-        first += b.rank;
-        o += b.width;
+        first += rank;
+        col += width;
+      }
+      if (g != nullptr) {  // DoRA: (base + update) * g over every column of the group
+        for (int64_t j = 0; j < d_out; ++j) o[j] = static_cast<XT>((static_cast<float>(o[j]) + acc[j]) * static_cast<float>(g[j]));
+      } else {
+        for (int64_t j = 0; j < col; ++j) o[j] = static_cast<XT>(static_cast<float>(o[j]) + acc[j]);
       }
     }
   };
-  if (n == 1) {
-    rows(0, 1);  // no thread hand-off for a single row
+  if (lines <= 1) {
+    rows(0, lines);  // no thread hand-off for a single row
   } else {
-    at::parallel_for(0, n, 1, rows);
+    at::parallel_for(0, lines, 1, rows);
   }
 }
 
-void lora_update_(const at::Tensor& x, const at::Tensor& A, const std::vector<at::Tensor>& Bts, const at::Tensor& out) {
-  TORCH_CHECK(x.device().is_cpu() && A.device().is_cpu() && out.device().is_cpu(), "lora_update_: CPU tensors only");
-  TORCH_CHECK(x.dim() == 2 && A.dim() == 3 && out.dim() == 2, "lora_update_: x (n, d_in), A (n|1, R, d_in), out (n, d_out)");
-  const int64_t n = x.size(0);
-  TORCH_CHECK(out.size(0) == n && (A.size(0) == n || A.size(0) == 1) && A.size(2) == x.size(1),
-              "lora_update_: x, A and out disagree in rows or d_in");
-  TORCH_CHECK(x.stride(1) == 1 && A.stride(2) == 1 && out.stride(1) == 1, "lora_update_: innermost dims must be contiguous");
-  TORCH_CHECK(x.scalar_type() == out.scalar_type(), "lora_update_: x and out must share a dtype");
-  std::vector<Block> blocks;
-  int64_t ranks = 0, width = 0;
-  for (const at::Tensor& b : Bts) {
-    TORCH_CHECK(b.dim() == 3 && (b.size(0) == n || b.size(0) == 1) && b.stride(2) == 1 && b.scalar_type() == A.scalar_type(),
-                "lora_update_: each Bt is (n|1, r, d) in A's dtype, innermost contiguous");
-    TORCH_CHECK(b.device().is_cpu(), "lora_update_: CPU tensors only");
-    blocks.push_back({b.data_ptr(), b.size(0) == 1 ? 0 : b.stride(0), b.stride(1), b.size(1), b.size(2)});
-    ranks += b.size(1);
-    width += b.size(2);
-  }
-  TORCH_CHECK(ranks == A.size(1), "lora_update_: the blocks' ranks must add up to A's rows");
-  TORCH_CHECK(width <= out.size(1), "lora_update_: the blocks are wider than out");
-  const auto xt = x.scalar_type(), ft = A.scalar_type();
-  if (xt == at::kBFloat16 && ft == at::kFloat) {
-    run<c10::BFloat16, float>(x, A, blocks, out);
-  } else if (xt == at::kBFloat16 && ft == at::kBFloat16) {
-    run<c10::BFloat16, c10::BFloat16>(x, A, blocks, out);
-  } else if (xt == at::kFloat && ft == at::kFloat) {
-    run<float, float>(x, A, blocks, out);
+void lora_rows_(const at::Tensor& x, const at::Tensor& out, const at::Tensor& table, const std::vector<int64_t>& widths,
+                bool bf16_factors) {
+  TORCH_CHECK(x.device().is_cpu() && out.device().is_cpu() && table.device().is_cpu(), "lora_rows_: CPU tensors only");
+  TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && x.size(0) == out.size(0), "lora_rows_: x (n, d_in) and out (n, d_out)");
+  TORCH_CHECK(x.stride(1) == 1 && out.stride(1) == 1, "lora_rows_: x and out must be contiguous in their last dimension");
+  TORCH_CHECK(x.scalar_type() == out.scalar_type(), "lora_rows_: x and out must share a dtype");
+  TORCH_CHECK(table.scalar_type() == at::kLong && table.dim() == 2 && table.is_contiguous() &&
+                  table.size(1) == 3 + 3 * static_cast<int64_t>(widths.size()),
+              "lora_rows_: table is (rows, 3 + 3 * blocks) int64, contiguous");
+  int64_t width = 0;
+  for (int64_t w : widths) width += w;
+  TORCH_CHECK(width == out.size(1), "lora_rows_: the blocks' widths must add up to out's columns");
+  const int64_t* tp = table.data_ptr<int64_t>();
+  for (int64_t line = 0; line < table.size(0); ++line)
+    TORCH_CHECK(tp[line * table.size(1)] >= 0 && tp[line * table.size(1)] < x.size(0), "lora_rows_: a row index is out of range");
+  const auto xt = x.scalar_type();
+  if (xt == at::kBFloat16 && !bf16_factors) {
+    run<c10::BFloat16, float>(x, out, table, widths);
+  } else if (xt == at::kBFloat16) {
+    run<c10::BFloat16, c10::BFloat16>(x, out, table, widths);
+  } else if (xt == at::kFloat && !bf16_factors) {
+    run<float, float>(x, out, table, widths);
   } else {
-    TORCH_CHECK(false, "lora_update_: x in fp32 or bf16 with fp32 factors, or bf16 with bf16 factors");
+    TORCH_CHECK(false, "lora_rows_: x in fp32 with fp32 factors, or in bf16 with fp32 or bf16 factors");
   }
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("lora_update_", &lora_update_, "out (n, d_out) += (x A^T) Bt per row, in one call");
+  m.def("lora_rows_", &lora_rows_, "out[row] += (x[row] A^T) Bt (then *= g) for each line of the table, in one call");
 }

@@ -1,0 +1,105 @@
+"""The per-row LoRA strategies side by side in one process, rounds interleaved, so that the drift of a shared
+machine's speed (+-20% between processes here) hits every configuration alike.
+
+    PYTHONPATH=src python benchmarks/serve_strategies_ab.py mixed  --requests 32 --rounds 3
+    PYTHONPATH=src python benchmarks/serve_strategies_ab.py decode --rounds 8
+
+mixed: the seeded `lorakit bench serve` workload (8 rank-8 adapters on all 7 projections, 16 in flight) through
+one engine per configuration on the same model: base (no adapters), fused, fused with bf16 factors, gather;
+prints each one's median output tokens/s and its ratio to the base.
+decode: batch-1 decoding (64 tokens) on the base and with one unmerged adapter, fused vs gather (whose
+one-adapter path is two torch GEMMs per group); prints median tokens/s and the ratio to the base.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import statistics
+import tempfile
+import time
+
+import torch
+
+from lorakit.serve import Engine, EngineConfig, Request, SamplingParams
+from lorakit.tools.serve_workload import (BenchServeConfig, make_workload, serve_closed_loop, summarize_handles,
+                                          write_adapters)
+from lorakit.training.models import compute_dtype, load_model
+
+
+def engines(model, tokenizer, configs: list[str], rows: int, seq_len: int, paths: list[pathlib.Path]) -> dict:
+    made = {}
+    for config in configs:
+        strategy, _, dtype = config.partition(":")  # "fused:bf16": the fused strategy with bf16 factors
+        engine = Engine(model, tokenizer, EngineConfig(max_batch_size=rows, max_seq_len=seq_len, lora_dtype=dtype or "auto",
+                                                       lora_strategy="gather" if strategy == "base" else strategy))
+        for k, path in enumerate(paths):
+            engine.load_adapter(f"adapter{k}", path)
+        made[config] = engine
+    return made
+
+
+def report(results: dict[str, list[float]], base: float) -> None:
+    for config, values in results.items():
+        median = statistics.median(values)
+        print(f"{config:12s} {median:7.1f} tokens/s  {median / base:.3f}x base  runs {[round(v, 1) for v in values]}")
+
+
+def mixed(model, tokenizer, requests: int, rounds: int) -> None:
+    cfg = BenchServeConfig(requests=requests)
+    paths = write_adapters(model, pathlib.Path(tempfile.mkdtemp()), cfg, cfg.adapters)
+    workload = make_workload(cfg, tokenizer, cfg.adapters)
+    made = engines(model, tokenizer, ["base", "fused", "fused:bf16", "gather"], cfg.concurrency,
+                   cfg.max_prompt_tokens + cfg.new_tokens, paths)
+
+    def requests_for(config: str, tokens: int) -> list[Request]:
+        params = SamplingParams(max_tokens=tokens, ignore_eos=True)
+        return [Request(p, adapter=None if config == "base" else f"adapter{a}", params=params)
+                for p, a in zip(workload.prompts, workload.adapter_of)]
+
+    for config, engine in made.items():  # warm-up: kernel choices, first touches
+        serve_closed_loop(engine, requests_for(config, 4)[:cfg.concurrency], cfg.concurrency)
+    results: dict[str, list[float]] = {config: [] for config in made}
+    for _ in range(rounds):
+        for config, engine in made.items():
+            start = time.perf_counter()
+            handles = serve_closed_loop(engine, requests_for(config, cfg.new_tokens), cfg.concurrency)
+            results[config].append(summarize_handles(handles, time.perf_counter() - start)["tokens_per_s"])
+    report(results, statistics.median(results["base"]))
+
+
+def decode(model, tokenizer, rounds: int) -> None:
+    cfg = BenchServeConfig()
+    paths = write_adapters(model, pathlib.Path(tempfile.mkdtemp()), cfg, 1)
+    made = engines(model, tokenizer, ["fused", "gather"], 1, 256, paths)
+    prompt = "The history of the printing press begins"
+
+    def tokens_per_s(engine: Engine, adapter: str | None, n: int = 64) -> float:
+        done = engine.generate([Request(prompt, adapter=adapter, params=SamplingParams(max_tokens=n, ignore_eos=True))])[0]
+        return (done.completion_tokens - 1) / (done.total_s - done.ttft_s)
+
+    runs = [("base", "fused", None), ("fused", "fused", "adapter0"), ("gather", "gather", "adapter0")]
+    for _, config, adapter in runs:
+        tokens_per_s(made[config], adapter, 8)
+    results: dict[str, list[float]] = {name: [] for name, _, _ in runs}
+    for _ in range(rounds):
+        for name, config, adapter in runs:
+            results[name].append(tokens_per_s(made[config], adapter))
+    report(results, statistics.median(results["base"]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=["mixed", "decode"])
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    loaded = load_model("default", device=torch.device("cpu"), fast_cpu_attention=False)
+    model = loaded.model.to(compute_dtype("auto", torch.device("cpu")))  # bf16 where the CPU has it, as bench serve
+    if args.mode == "mixed":
+        mixed(model, loaded.tokenizer, args.requests, args.rounds)
+    else:
+        decode(model, loaded.tokenizer, args.rounds)
+
+
+if __name__ == "__main__":
+    main()

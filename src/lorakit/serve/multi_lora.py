@@ -1,10 +1,10 @@
 """The LoRA branch of a batch whose rows use different adapters.
 
 The base GEMM of a projection group runs once for every token of the batch; this module adds each row's
-update `x A^T Bt` (and DoRA's per-row scale) in place. Two ways for the decoding rows, chosen by
+update `x A^T Bt` (and DoRA's per-row scale) in place. Three ways for the decoding rows, chosen by
 `EngineConfig.lora_strategy`:
 
-* **gather** (Punica's BGMV, vLLM's bmm path): each batch row has its own copy of its adapter's factors in
+* **gather** (vLLM's bmm path): each batch row has its own copy of its adapter's factors in
   preallocated per-row buffers (copied in when the request joins, not per step), zero-padded to the largest
   rank in the batch, and the whole batch runs as batched matmuls: one for A per group, one for B per
   projection: a fixed number of kernel calls whatever the mix of adapters, but rows on the same adapter

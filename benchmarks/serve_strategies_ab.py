@@ -3,12 +3,14 @@ machine's speed (+-20% between processes here) hits every configuration alike.
 
     PYTHONPATH=src python benchmarks/serve_strategies_ab.py mixed  --requests 32 --rounds 3
     PYTHONPATH=src python benchmarks/serve_strategies_ab.py decode --rounds 8
+    PYTHONPATH=src python benchmarks/serve_strategies_ab.py layouts --rounds 8
 
 mixed: the seeded `lorakit bench serve` workload (8 rank-8 adapters on all 7 projections, 16 in flight) through
 one engine per configuration on the same model: base (no adapters), fused, fused with bf16 factors, gather;
 prints each one's median output tokens/s and its ratio to the base.
 decode: batch-1 decoding (64 tokens) on the base and with one unmerged adapter, fused vs gather (whose
 one-adapter path is two torch GEMMs per group); prints median tokens/s and the ratio to the base.
+layouts: batch-1 decoding on the base and with one unmerged adapter (fused), weights packed vs gemv.
 """
 from __future__ import annotations
 
@@ -26,12 +28,14 @@ from lorakit.tools.serve_workload import (BenchServeConfig, make_workload, serve
 from lorakit.training.models import compute_dtype, load_model
 
 
-def engines(model, tokenizer, configs: list[str], rows: int, seq_len: int, paths: list[pathlib.Path]) -> dict:
+def engines(model, tokenizer, configs: list[str], rows: int, seq_len: int, paths: list[pathlib.Path],
+            layout: str = "auto") -> dict:
     made = {}
     for config in configs:
         strategy, _, dtype = config.partition(":")  # "fused:bf16": the fused strategy with bf16 factors
         engine = Engine(model, tokenizer, EngineConfig(max_batch_size=rows, max_seq_len=seq_len, lora_dtype=dtype or "auto",
-                                                       lora_strategy="gather" if strategy == "base" else strategy))
+                                                       lora_strategy="gather" if strategy == "base" else strategy,
+                                                       weight_layout=layout))
         for k, path in enumerate(paths):
             engine.load_adapter(f"adapter{k}", path)
         made[config] = engine
@@ -67,29 +71,33 @@ def mixed(model, tokenizer, requests: int, rounds: int) -> None:
     report(results, statistics.median(results["base"]))
 
 
-def decode(model, tokenizer, rounds: int) -> None:
+def decode(model, tokenizer, rounds: int, by_layout: bool = False) -> None:
     cfg = BenchServeConfig()
     paths = write_adapters(model, pathlib.Path(tempfile.mkdtemp()), cfg, 1)
-    made = engines(model, tokenizer, ["fused", "gather"], 1, 256, paths)
     prompt = "The history of the printing press begins"
+    if by_layout:  # one fused engine per weight layout
+        made = {layout: engines(model, tokenizer, ["fused"], 1, 256, paths, layout)["fused"] for layout in ("packed", "gemv")}
+        runs = [(f"{layout} {name}", layout, adapter) for layout in made for name, adapter in (("base", None), ("lora", "adapter0"))]
+    else:
+        made = engines(model, tokenizer, ["fused", "gather"], 1, 256, paths)
+        runs = [("base", "fused", None), ("fused", "fused", "adapter0"), ("gather", "gather", "adapter0")]
 
     def tokens_per_s(engine: Engine, adapter: str | None, n: int = 64) -> float:
         done = engine.generate([Request(prompt, adapter=adapter, params=SamplingParams(max_tokens=n, ignore_eos=True))])[0]
         return (done.completion_tokens - 1) / (done.total_s - done.ttft_s)
 
-    runs = [("base", "fused", None), ("fused", "fused", "adapter0"), ("gather", "gather", "adapter0")]
     for _, config, adapter in runs:
         tokens_per_s(made[config], adapter, 8)
     results: dict[str, list[float]] = {name: [] for name, _, _ in runs}
     for _ in range(rounds):
         for name, config, adapter in runs:
             results[name].append(tokens_per_s(made[config], adapter))
-    report(results, statistics.median(results["base"]))
+    report(results, statistics.median(results[runs[0][0]]))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["mixed", "decode"])
+    parser.add_argument("mode", choices=["mixed", "decode", "layouts"])
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
@@ -98,7 +106,7 @@ def main() -> None:
     if args.mode == "mixed":
         mixed(model, loaded.tokenizer, args.requests, args.rounds)
     else:
-        decode(model, loaded.tokenizer, args.rounds)
+        decode(model, loaded.tokenizer, args.rounds, by_layout=args.mode == "layouts")
 
 
 if __name__ == "__main__":

@@ -7,10 +7,10 @@ import torch
 
 from lorakit import LorakitError
 from lorakit.serve.llama import LlamaRunner, StepBatch
-from lorakit.serve.weights import LAYOUTS, packing_available
+from lorakit.serve.weights import usable_layouts
 
-# every layout the engine may choose on some machine; packed where this torch has oneDNN
-USABLE = [name for name in LAYOUTS if name != "packed" or packing_available(torch.float32, torch.device("cpu"))]
+# every layout the engine may choose in fp32 on this machine; packed where this torch has oneDNN (gemv is bf16's)
+USABLE = usable_layouts(torch.float32, torch.device("cpu"))
 
 
 def tiny(kind: str, **extra):
@@ -86,6 +86,8 @@ def test_the_weight_layout_is_chosen_once_per_machine(tmp_path, monkeypatch):
     assert "32x32" in entry and "b1+2 float32" in entry  # the o projection's shape; both batch sizes measured
     with pytest.raises(LorakitError, match="weight layout"):
         LlamaRunner(tiny("llama"), max_rows=1, max_seq_len=8, layout="diagonal")
+    with pytest.raises(LorakitError, match="'gemv' is not available for torch.float32"):
+        LlamaRunner(tiny("llama"), max_rows=1, max_seq_len=8, layout="gemv")
 
 
 def test_sliding_windows_are_exact_only_within_the_window():
@@ -93,3 +95,35 @@ def test_sliding_windows_are_exact_only_within_the_window():
     LlamaRunner(model, max_rows=1, max_seq_len=16)
     with pytest.raises(LorakitError, match="sliding-window"):
         LlamaRunner(tiny("mistral", sliding_window=16), max_rows=1, max_seq_len=32)
+
+
+needs_gemv = pytest.mark.skipif("gemv" not in usable_layouts(torch.bfloat16, torch.device("cpu")),
+                                reason="this CPU (or compiler) has no AVX-512 BF16: the gemv layout is not built here")
+
+
+@needs_gemv
+@pytest.mark.parametrize("rows,d_in", [(1, 64), (1, 40), (3, 72), (16, 32)])  # 40, 72: a tail past 32 lanes
+def test_the_bf16_gemv_kernel_equals_an_fp32_product(rows, d_in):
+    from lorakit.serve.lora_kernel import gemv_kernel
+
+    g = torch.Generator().manual_seed(rows + d_in)
+    x, W = torch.randn(rows, d_in, generator=g).bfloat16(), torch.randn(130, d_in, generator=g).bfloat16()
+    out = torch.empty(rows, 130, dtype=torch.bfloat16)
+    gemv_kernel()(x, W, out)
+    torch.testing.assert_close(out, (x.float() @ W.float().T).bfloat16(), rtol=1e-2, atol=2e-2)
+
+
+@needs_gemv
+@torch.no_grad()
+def test_the_gemv_layout_decodes_like_packed_in_bf16():
+    seq = torch.randint(0, 64, (9,), generator=torch.Generator().manual_seed(1))
+    logits = {}
+    for layout in ("packed", "gemv"):
+        model = tiny("llama").to(torch.bfloat16)
+        runner = LlamaRunner(model, max_rows=1, max_seq_len=16, layout=layout)
+        runner.forward(as_batch(seq[:-1].tolist(), list(range(8)), 0, [(0, 0, 8)], [7]))  # prefill: packed in both
+        logits[layout] = runner.forward(as_batch([seq[-1].item()], [8], 1, [], [0])).float()  # one row: the kernel
+        if layout == "gemv":  # the modules keep views of the rows the kernel reads: no second copy of them
+            q = model.model.layers[0].self_attn.q_proj.weight
+            assert q.untyped_storage().data_ptr() == runner.layers[0].weights["qkv"][1].untyped_storage().data_ptr()
+    torch.testing.assert_close(logits["gemv"], logits["packed"], rtol=2e-2, atol=3e-2)

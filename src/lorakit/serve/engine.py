@@ -64,7 +64,7 @@ class EngineConfig:
         lora_dtype: the dtype of the LoRA factors: "auto" is fp32 on the CPU (its small bf16 GEMMs are
             slower than fp32 ones), the model's dtype elsewhere.
         weight_layout: how the base weights are held for decoding: "auto" (the fastest on this machine,
-            measured once), "transposed", "rows" or "packed" (lorakit.serve.weights).
+            measured once), "transposed", "rows", "packed" or "gemv" (lorakit.serve.weights).
     """
 
     max_batch_size: int = 16
@@ -75,7 +75,7 @@ class EngineConfig:
     lora_strategy: Literal["auto", "fused", "gather", "segment"] = "auto"
     prefill: Literal["with_decode", "separate"] = "with_decode"
     lora_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    weight_layout: Literal["auto", "transposed", "rows", "packed"] = "auto"
+    weight_layout: Literal["auto", "transposed", "rows", "packed", "gemv"] = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_seq_len", "max_loaded_adapters", "max_prefill_tokens"):

@@ -27,7 +27,7 @@ from lorakit.core.layers import LoraLayer
 from lorakit.serve.adapters import GroupLayout
 from lorakit.serve.kv_cache import KVCache
 from lorakit.serve.multi_lora import LoraBatch
-from lorakit.serve.weights import LAYOUTS, choose_layout, hold, product
+from lorakit.serve.weights import LAYOUTS, choose_layout, hold, product, usable_layouts
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 # group name -> (parent module, projections whose outputs it concatenates)
@@ -111,7 +111,7 @@ class LlamaRunner:
             re-laid into one tensor each, the modules keeping views of it (values unchanged).
         max_rows: requests in the cache at once.
         max_seq_len: tokens per request.
-        layout: how the weights are held ("transposed", "rows", "packed"; lorakit.serve.weights), or
+        layout: how the weights are held ("transposed", "rows", "packed", "gemv"; lorakit.serve.weights), or
             "auto": the fastest on this machine, measured once.
 
     Raises:
@@ -128,6 +128,9 @@ class LlamaRunner:
             layout = choose_layout(self._shapes(model), self.dtype, self.device, max_rows)
         if layout not in LAYOUTS:
             raise LorakitError(f"weight layout {layout!r} is unknown: use auto or one of {', '.join(LAYOUTS)}.")
+        if layout not in (usable := usable_layouts(self.dtype, self.device)):
+            raise LorakitError(f"weight layout {layout!r} is not available for {self.dtype} on this machine: use auto "
+                               f"or one of {', '.join(usable)}.")
         self.weight_layout, self._product = layout, product(layout)
         self.head_weight, self.head_bias = self._lay_head(model)
         attn = inner.layers[0].self_attn
@@ -158,7 +161,7 @@ class LlamaRunner:
         """The output head in the runner's layout (the largest single product of a decoding step, vocab x d).
 
         Transposed or rows: the head (and a tied input embedding) keep a view of the runner's tensor, so no
-        copy is added; packed: a copy beside the head's own weight.
+        copy is added; packed: a copy beside the head's own weight; gemv: that copy and the head's own weight.
         """
         head, embed = model.get_output_embeddings(), model.get_input_embeddings()
         held = hold(head.weight.detach(), self.weight_layout)
@@ -175,11 +178,12 @@ class LlamaRunner:
         for group, (parent, names) in GROUPS.items():
             modules = [getattr(getattr(layer, parent), name) for name in names]
             fused = hold(torch.cat([m.weight for m in modules]), self.weight_layout)
+            rows_held = fused if self.weight_layout == "rows" else fused[1] if self.weight_layout == "gemv" else None
             if self.weight_layout != "packed":  # the modules keep (d_out, d_in) views of it: no copy kept
                 start = 0
                 for m in modules:
                     rows = m.weight.shape[0]
-                    view = fused[start:start + rows] if self.weight_layout == "rows" else fused[:, start:start + rows].T
+                    view = rows_held[start:start + rows] if rows_held is not None else fused[:, start:start + rows].T
                     m.weight = nn.Parameter(view, requires_grad=False)
                     start += rows
             weights[group] = fused

@@ -1,5 +1,6 @@
 """The LoRA branch of the decoding rows as one compiled call per projection group, on the CPU
-(csrc/lora_update.cpp: Punica's BGMV, each row reading its own adapter's factors where they lie).
+(csrc/decode_kernels.cpp: Punica's BGMV, each row reading its own adapter's factors where they lie); the same
+build holds a bf16 matrix-vector product for batch-1 decoding (`gemv_kernel`, used by lorakit.serve.weights).
 
 Decoding runs the branch on a few rows, where its arithmetic is tiny and its cost is the number of kernel
 calls (as torch ops a group takes 4-7: cast, A product, a B product per projection, add) and, for batched
@@ -30,7 +31,7 @@ from lorakit.serve.adapters import GroupFactors
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "lora_update.cpp"
+SOURCE = Path(__file__).with_name("csrc") / "decode_kernels.cpp"
 # x dtype -> factor dtypes the compiled function takes with it
 SUPPORTED = {torch.float32: (torch.float32,), torch.bfloat16: (torch.float32, torch.bfloat16)}
 
@@ -45,11 +46,19 @@ def supports(device: torch.device, x_dtype: torch.dtype, factor_dtype: torch.dty
 
 def build_kernel() -> tuple[Kernel | None, str]:
     """(the compiled `lora_rows_`, "") or (None, why it could not be built); built once a process."""
-    return _build()
+    module, reason = _build()
+    return (None if module is None else module.lora_rows_), reason
+
+
+def gemv_kernel() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None:
+    """The compiled `bf16_gemv_(x, W, out)` (out = x W^T, bf16, x of at most 16 rows), or None where the build
+    failed or the CPU has no AVX-512 BF16."""
+    module, _ = _build()
+    return module.bf16_gemv_ if module is not None and module.has_bf16_gemv() else None
 
 
 @functools.cache
-def _build() -> tuple[Kernel | None, str]:
+def _build():  # -> (the compiled module or None, why not)
     from lorakit.core.autotune import cpu_model
 
     source = SOURCE.read_bytes()
@@ -69,7 +78,7 @@ def _build() -> tuple[Kernel | None, str]:
         reason = f"{type(error).__name__}: {text.splitlines()[-1] if text else ''}"
         log.warning("lorakit: the compiled LoRA kernel could not be built (%s); using torch ops", reason)
         return None, reason
-    return module.lora_rows_, ""
+    return module, ""
 
 
 def kernel_table(factors: GroupFactors) -> torch.Tensor:

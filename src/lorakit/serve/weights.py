@@ -10,6 +10,9 @@ dtype. So the layout is a per-machine choice (`choose_layout`, measured once, ca
     packed      oneDNN's blocked layout for its linear kernel (the one torch.compile's CPU freezing uses);
                 bf16 on Zen 4: the batch-16 step's products in half F.linear's time. The model's modules
                 keep their own weights, so this layout holds a second copy of the weights.
+    gemv        packed, and the rows too (the modules keep views of them): a single row (batch-1 decoding)
+                runs lorakit's compiled bf16 matrix-vector product (AVX-512 BF16; lorakit.serve.lora_kernel),
+                which streams the weights faster than oneDNN at batch 1; more rows run packed. bf16 only.
 
 Every layout gives the same products up to the kernels' summation order (tested).
 """
@@ -21,12 +24,25 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-LAYOUTS = ("transposed", "rows", "packed")
+LAYOUTS = ("transposed", "rows", "packed", "gemv")
 
 
 def packing_available(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether this torch has oneDNN's packed linear for `dtype` on `device` (CPU builds with oneDNN)."""
     return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and _packs(dtype)
+
+
+def usable_layouts(dtype: torch.dtype, device: torch.device) -> list[str]:
+    """The layouts this machine can hold weights of `dtype` in (packed and gemv need oneDNN; gemv bf16 and the
+    compiled kernel, which this checks by building it: once per machine)."""
+    packs = packing_available(dtype, device)
+    return [name for name in LAYOUTS if (name != "packed" or packs) and (name != "gemv" or packs and _has_gemv(dtype))]
+
+
+def _has_gemv(dtype: torch.dtype) -> bool:
+    from lorakit.serve.lora_kernel import gemv_kernel
+
+    return dtype == torch.bfloat16 and gemv_kernel() is not None
 
 
 @functools.cache
@@ -40,8 +56,10 @@ def _packs(dtype: torch.dtype) -> bool:
         return False
 
 
-def hold(rows: torch.Tensor, layout: str) -> torch.Tensor:
-    """A (d_out, d_in) weight held in `layout`: what `product` multiplies by."""
+def hold(rows: torch.Tensor, layout: str) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """A (d_out, d_in) weight held in `layout`: what `product` multiplies by (gemv: (packed, rows))."""
+    if layout == "gemv":
+        return hold(rows, "packed"), rows.contiguous()
     if layout == "transposed":
         return rows.T.contiguous()
     if layout == "packed":
@@ -55,11 +73,24 @@ def product(layout: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
         return torch.mm
     if layout == "packed":
         return _packed_linear
+    if layout == "gemv":
+        return _gemv_or_packed
     return F.linear
 
 
 def _packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+def _gemv_or_packed(x: torch.Tensor, held: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    packed, rows = held
+    if x.shape[0] != 1 or x.dtype != torch.bfloat16:
+        return _packed_linear(x, packed)
+    from lorakit.serve.lora_kernel import gemv_kernel
+
+    out = x.new_empty(1, rows.shape[0])
+    gemv_kernel()(x.contiguous(), rows, out)
+    return out
 
 
 def choose_layout(shapes: list[tuple[int, int]], dtype: torch.dtype, device: torch.device, rows: int) -> str:
@@ -72,7 +103,7 @@ def choose_layout(shapes: list[tuple[int, int]], dtype: torch.dtype, device: tor
 
     if device.type != "cpu":
         return "transposed"
-    layouts = [name for name in LAYOUTS if name != "packed" or packing_available(dtype, device)]
+    layouts = usable_layouts(dtype, device)
     head, layer = shapes[-1], shapes[:-1]
     copies = 8  # layers of distinct weights, so the measured weights do not sit in the CPU's caches
 
@@ -95,5 +126,6 @@ def choose_layout(shapes: list[tuple[int, int]], dtype: torch.dtype, device: tor
                     multiply(xs[d_in], w)
         return step
 
-    key = " ".join(f"{o}x{i}" for o, i in shapes) + f" b1+{rows} {str(dtype).replace('torch.', '')}"
+    # the candidates are part of the key: a layout added to lorakit is measured, not lost to an old decision
+    key = " ".join(f"{o}x{i}" for o, i in shapes) + f" b1+{rows} {str(dtype).replace('torch.', '')} {'/'.join(layouts)}"
     return choose("decode_layout", key, {name: run(name) for name in layouts}, repeats=5)

@@ -47,7 +47,7 @@ class BenchServeConfig:
     """The engine's per-row LoRA branch (auto: fused where its kernel builds, else gather)."""
     lora_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """The dtype of the engine's LoRA factors (auto: fp32 on the CPU, the model's elsewhere)."""
-    weight_layout: Literal["auto", "transposed", "rows", "packed"] = "auto"
+    weight_layout: Literal["auto", "transposed", "rows", "packed", "gemv"] = "auto"
     """How the engine holds the base weights (auto: the fastest on this machine, measured once)."""
     prefill: Literal["with_decode", "separate"] = "with_decode"
     """Whether new prompts ride in the decoding step or get a forward of their own."""

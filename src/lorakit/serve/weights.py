@@ -24,6 +24,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from lorakit.serve.lora_kernel import gemv_kernel
+
 LAYOUTS = ("transposed", "rows", "packed", "gemv")
 
 
@@ -40,8 +42,6 @@ def usable_layouts(dtype: torch.dtype, device: torch.device) -> list[str]:
 
 
 def _has_gemv(dtype: torch.dtype) -> bool:
-    from lorakit.serve.lora_kernel import gemv_kernel
-
     return dtype == torch.bfloat16 and gemv_kernel() is not None
 
 
@@ -73,8 +73,8 @@ def product(layout: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
         return torch.mm
     if layout == "packed":
         return _packed_linear
-    if layout == "gemv":
-        return _gemv_or_packed
+    if layout == "gemv":  # the kernel looked up once here, not on every product
+        return functools.partial(_gemv_or_packed, gemv_kernel())
     return F.linear
 
 
@@ -82,14 +82,12 @@ def _packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
-def _gemv_or_packed(x: torch.Tensor, held: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    packed, rows = held
-    if x.shape[0] != 1 or x.dtype != torch.bfloat16:
+def _gemv_or_packed(gemv: Callable, x: torch.Tensor, held: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    packed, rows = held  # bf16: the runner holds gemv only where usable_layouts offers it
+    if x.shape[0] != 1:
         return _packed_linear(x, packed)
-    from lorakit.serve.lora_kernel import gemv_kernel
-
     out = x.new_empty(1, rows.shape[0])
-    gemv_kernel()(x.contiguous(), rows, out)
+    gemv(x.contiguous(), rows, out)
     return out
 
 

@@ -144,6 +144,12 @@ class GatherPlan:
             out.mul_(self.g[group][layer])
 
 
+def _grouped_by_adapter(adapters: list[AdapterWeights]) -> list[int]:
+    """Row indices with rows on the same adapter side by side, adapters in order of first appearance."""
+    first_seen: dict[int, int] = {}
+    return sorted(range(len(adapters)), key=lambda i: first_seen.setdefault(id(adapters[i]), i))
+
+
 def _dora(factors: GroupFactors | None) -> bool:
     return factors is not None and factors.g is not None
 
@@ -194,8 +200,7 @@ class SegmentPlan:
     """The segment strategy for decoding rows 0..n-1, all on adapters (see the module docstring)."""
 
     def __init__(self, adapters: list[AdapterWeights], device: torch.device) -> None:
-        first_seen: dict[int, int] = {}
-        order = sorted(range(len(adapters)), key=lambda i: first_seen.setdefault(id(adapters[i]), i))
+        order = _grouped_by_adapter(adapters)
         self.perm = None if order == sorted(order) else torch.tensor(order, device=device)
         self.inverse = None if self.perm is None else torch.argsort(self.perm)
         self.n = len(adapters)
@@ -237,8 +242,7 @@ class FusedPlan:
 
     def __init__(self, adapters: list[AdapterWeights], kernel: Kernel) -> None:
         self.n, self.adapters, self.kernel = len(adapters), adapters, kernel
-        first_seen: dict[int, int] = {}
-        order = sorted(range(self.n), key=lambda i: first_seen.setdefault(id(adapters[i]), i))  # same adapter together
+        order = _grouped_by_adapter(adapters)
         # group -> (per layer: the kernel's table of the rows on adapters that touch the group, widths, bf16 factors)
         self.calls: dict[str, tuple[list[torch.Tensor], list[int], bool]] = {}
         for group in dict.fromkeys(g for a in adapters for g in a.groups):

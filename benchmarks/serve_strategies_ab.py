@@ -4,6 +4,8 @@ machine's speed (+-20% between processes here) hits every configuration alike.
     PYTHONPATH=src python benchmarks/serve_strategies_ab.py mixed  --requests 32 --rounds 3
     PYTHONPATH=src python benchmarks/serve_strategies_ab.py decode --rounds 8
     PYTHONPATH=src python benchmarks/serve_strategies_ab.py layouts --rounds 8
+    PYTHONPATH=src python benchmarks/serve_strategies_ab.py steps --rounds 8
+    PYTHONPATH=src python benchmarks/serve_strategies_ab.py mixed-steps --requests 32 --rounds 3
 
 mixed: the seeded `lorakit bench serve` workload (8 rank-8 adapters on all 7 projections, 16 in flight) through
 one engine per configuration on the same model: base (no adapters), fused, fused with bf16 factors, gather;
@@ -11,6 +13,9 @@ prints each one's median output tokens/s and its ratio to the base.
 decode: batch-1 decoding (64 tokens) on the base and with one unmerged adapter, fused vs gather (whose
 one-adapter path is two torch GEMMs per group); prints median tokens/s and the ratio to the base.
 layouts: batch-1 decoding on the base and with one unmerged adapter (fused), weights packed vs gemv.
+steps: batch-1 decoding on the base and with one unmerged adapter (fused), decoding steps as torch ops vs one
+compiled call (EngineConfig.decode_step).
+mixed-steps: the mixed workload, base and fused, decoding steps as torch ops vs one compiled call.
 """
 from __future__ import annotations
 
@@ -32,10 +37,12 @@ def engines(model, tokenizer, configs: list[str], rows: int, seq_len: int, paths
             layout: str = "auto") -> dict:
     made = {}
     for config in configs:
-        strategy, _, dtype = config.partition(":")  # "fused:bf16": the fused strategy with bf16 factors
+        # "fused:bf16": the fused strategy with bf16 factors; "base@torch": decoding steps as torch ops
+        config_, _, step = config.partition("@")
+        strategy, _, dtype = config_.partition(":")
         engine = Engine(model, tokenizer, EngineConfig(max_batch_size=rows, max_seq_len=seq_len, lora_dtype=dtype or "auto",
                                                        lora_strategy="gather" if strategy == "base" else strategy,
-                                                       weight_layout=layout))
+                                                       weight_layout=layout, decode_step=step or "auto"))
         for k, path in enumerate(paths):
             engine.load_adapter(f"adapter{k}", path)
         made[config] = engine
@@ -48,16 +55,18 @@ def report(results: dict[str, list[float]], base: float) -> None:
         print(f"{config:12s} {median:7.1f} tokens/s  {median / base:.3f}x base  runs {[round(v, 1) for v in values]}")
 
 
-def mixed(model, tokenizer, requests: int, rounds: int) -> None:
+def mixed(model, tokenizer, requests: int, rounds: int, by_step: bool = False) -> None:
     cfg = BenchServeConfig(requests=requests)
     paths = write_adapters(model, pathlib.Path(tempfile.mkdtemp()), cfg, cfg.adapters)
     workload = make_workload(cfg, tokenizer, cfg.adapters)
-    made = engines(model, tokenizer, ["base", "fused", "fused:bf16", "gather"], cfg.concurrency,
-                   cfg.max_prompt_tokens + cfg.new_tokens, paths)
+    configs = ["base@compiled", "base@torch", "fused@compiled", "fused:bf16@compiled", "fused@torch"] if by_step else \
+        ["base", "fused", "fused:bf16", "gather"]
+    made = engines(model, tokenizer, configs, cfg.concurrency, cfg.max_prompt_tokens + cfg.new_tokens, paths,
+                   "gemv" if by_step else "auto")  # the compiled step reads the rows that gemv holds
 
     def requests_for(config: str, tokens: int) -> list[Request]:
         params = SamplingParams(max_tokens=tokens, ignore_eos=True)
-        return [Request(p, adapter=None if config == "base" else f"adapter{a}", params=params)
+        return [Request(p, adapter=None if config.startswith("base") else f"adapter{a}", params=params)
                 for p, a in zip(workload.prompts, workload.adapter_of)]
 
     for config, engine in made.items():  # warm-up: kernel choices, first touches
@@ -68,16 +77,20 @@ def mixed(model, tokenizer, requests: int, rounds: int) -> None:
             start = time.perf_counter()
             handles = serve_closed_loop(engine, requests_for(config, cfg.new_tokens), cfg.concurrency)
             results[config].append(summarize_handles(handles, time.perf_counter() - start)["tokens_per_s"])
-    report(results, statistics.median(results["base"]))
+    report(results, statistics.median(results[configs[0]]))
 
 
-def decode(model, tokenizer, rounds: int, by_layout: bool = False) -> None:
+def decode(model, tokenizer, rounds: int, by: str = "strategy") -> None:
     cfg = BenchServeConfig()
     paths = write_adapters(model, pathlib.Path(tempfile.mkdtemp()), cfg, 1)
     prompt = "The history of the printing press begins"
-    if by_layout:  # one fused engine per weight layout
+    if by == "layout":  # one fused engine per weight layout
         made = {layout: engines(model, tokenizer, ["fused"], 1, 256, paths, layout)["fused"] for layout in ("packed", "gemv")}
         runs = [(f"{layout} {name}", layout, adapter) for layout in made for name, adapter in (("base", None), ("lora", "adapter0"))]
+    elif by == "step":  # one fused engine per way of running decoding steps
+        made = engines(model, tokenizer, ["fused@compiled", "fused@torch"], 1, 256, paths)
+        runs = [(f"{config.split('@')[1]} {name}", config, adapter) for config in made
+                for name, adapter in (("base", None), ("lora", "adapter0"))]
     else:
         made = engines(model, tokenizer, ["fused", "gather"], 1, 256, paths)
         runs = [("base", "fused", None), ("fused", "fused", "adapter0"), ("gather", "gather", "adapter0")]
@@ -97,16 +110,16 @@ def decode(model, tokenizer, rounds: int, by_layout: bool = False) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["mixed", "decode", "layouts"])
+    parser.add_argument("mode", choices=["mixed", "decode", "layouts", "steps", "mixed-steps"])
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     loaded = load_model("default", device=torch.device("cpu"), fast_cpu_attention=False)
     model = loaded.model.to(compute_dtype("auto", torch.device("cpu")))  # bf16 where the CPU has it, as bench serve
-    if args.mode == "mixed":
-        mixed(model, loaded.tokenizer, args.requests, args.rounds)
+    if args.mode in ("mixed", "mixed-steps"):
+        mixed(model, loaded.tokenizer, args.requests, args.rounds, by_step=args.mode == "mixed-steps")
     else:
-        decode(model, loaded.tokenizer, args.rounds, by_layout=args.mode == "layouts")
+        decode(model, loaded.tokenizer, args.rounds, by={"decode": "strategy", "layouts": "layout", "steps": "step"}[args.mode])
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from torch import nn
 from lorakit.core.errors import LorakitError
 from lorakit.core.layers import LoraLayer
 from lorakit.serve.adapters import GroupLayout
+from lorakit.serve.decode_step import compiled_step, why_not_compiled
 from lorakit.serve.kv_cache import KVCache
 from lorakit.serve.multi_lora import LoraBatch
 from lorakit.serve.weights import LAYOUTS, choose_layout, hold, product, usable_layouts
@@ -112,19 +113,27 @@ class LlamaRunner:
         max_rows: requests in the cache at once.
         max_seq_len: tokens per request.
         layout: how the weights are held ("transposed", "rows", "packed", "gemv"; lorakit.serve.weights), or
-            "auto": the fastest on this machine, measured once.
+            "auto": gemv where the compiled step runs, else the fastest on this machine, measured once.
+        decode_step: "auto" (steps that only decode run as one compiled call where it applies:
+            lorakit.serve.decode_step), "compiled" (an error where it cannot) or "torch".
 
     Raises:
         LorakitError: the model is not one the runner supports (see `check_supported`).
     """
 
-    def __init__(self, model: nn.Module, max_rows: int, max_seq_len: int, layout: str = "auto") -> None:
+    def __init__(self, model: nn.Module, max_rows: int, max_seq_len: int, layout: str = "auto",
+                 decode_step: str = "auto") -> None:
         check_supported(model, max_seq_len)
         config, inner = model.config, model.model
         weight = model.get_input_embeddings().weight
         self.model, self.dtype, self.device = model, weight.dtype, weight.device
         self.embed, self.norm = model.get_input_embeddings(), rms_norm(inner.norm)
-        if layout == "auto":
+        if layout == "auto" and decode_step != "torch" and not why_not_compiled(model, self.dtype, self.device, None) \
+                and "gemv" in usable_layouts(self.dtype, self.device):
+            # the compiled step runs one row with gemv's kernel and more with its packed copy: the best of both
+            # products, and no more memory than packed alone (README, Serving)
+            layout = "gemv"
+        elif layout == "auto":
             layout = choose_layout(self._shapes(model), self.dtype, self.device, max_rows)
         if layout not in LAYOUTS:
             raise LorakitError(f"weight layout {layout!r} is unknown: use auto or one of {', '.join(LAYOUTS)}.")
@@ -145,6 +154,7 @@ class LlamaRunner:
         # rotate_half(x) * sin == roll(x, half) * signed_sin: one roll instead of two slices, a negation and a cat
         self.cos, self.signed_sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
         self.cache = KVCache(len(self.layers), max_rows, self.n_kv, max_seq_len, self.head_dim, self.dtype, self.device)
+        self.compiled_step = compiled_step(self, model, decode_step)
 
     @staticmethod
     def _shapes(model: nn.Module) -> list[tuple[int, int]]:
@@ -244,6 +254,8 @@ class LlamaRunner:
     @torch.no_grad()
     def forward(self, batch: StepBatch) -> torch.Tensor:
         """Run one step; returns the logits (len(logit_rows), vocab) in the model's dtype."""
+        if self.compiled_step is not None and self.compiled_step.takes(batch):
+            return self.compiled_step.run(batch)
         n_tok = batch.tokens.shape[0]
         h = self.embed(batch.tokens)  # (N, d)
         cos, sin = self.cos[batch.positions][:, None], self.signed_sin[batch.positions][:, None]  # (N, 1, head_dim)

@@ -31,7 +31,8 @@ from lorakit.serve.adapters import GroupFactors
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "decode_kernels.cpp"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "decode_kernels.cpp", CSRC / "decode_step.cpp")  # built together, with CSRC / "kernels.h"
 # x dtype -> factor dtypes the compiled function takes with it
 SUPPORTED = {torch.float32: (torch.float32,), torch.bfloat16: (torch.float32, torch.bfloat16)}
 
@@ -57,11 +58,18 @@ def gemv_kernel() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] 
     return module.bf16_gemv_ if module is not None and module.has_bf16_gemv() else None
 
 
+def step_kernel() -> Callable[..., torch.Tensor] | None:
+    """The compiled `decode_step_` (a whole bf16 decoding step of a Llama-family model; csrc/decode_step.cpp), or
+    None where the build failed or the CPU has no AVX-512 BF16 (it runs its products with bf16_gemv_)."""
+    module, _ = _build()
+    return module.decode_step_ if module is not None and module.has_bf16_gemv() else None
+
+
 @functools.cache
 def _build():  # -> (the compiled module or None, why not)
     from lorakit.core.autotune import cpu_model
 
-    source = SOURCE.read_bytes()
+    source = b"\0".join(path.read_bytes() for path in (*SOURCES, CSRC / "kernels.h"))
     flags = ["-O3", "-march=native", "-fopenmp"]
     # -march=native: the name carries the CPU, so a home directory shared between machines builds per CPU
     tag = hashlib.sha256(b"\0".join([source, cpu_model().encode(), torch.__version__.encode(), " ".join(flags).encode()]))
@@ -72,7 +80,7 @@ def _build():  # -> (the compiled module or None, why not)
     try:
         from torch.utils.cpp_extension import load
 
-        module = load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+        module = load(name, [str(path) for path in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # noqa: BLE001 - no compiler, no ninja, a failed build: all mean torch ops
         text = str(error).strip()
         reason = f"{type(error).__name__}: {text.splitlines()[-1] if text else ''}"

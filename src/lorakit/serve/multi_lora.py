@@ -245,12 +245,15 @@ class FusedPlan:
         order = _grouped_by_adapter(adapters)
         # group -> (per layer: the kernel's table of the rows on adapters that touch the group, widths, bf16 factors)
         self.calls: dict[str, tuple[list[torch.Tensor], list[int], bool]] = {}
+        self.tables: dict[str, torch.Tensor] = {}  # group -> (layers, rows, fields), what the calls hold views of
         for group in dict.fromkeys(g for a in adapters for g in a.groups):
             rows = [i for i in order if group in adapters[i].groups]
             factors = [adapters[i].groups[group] for i in rows]
             table = torch.stack([kernel_table(f) for f in factors], dim=1)  # (layers, rows, fields), a copy
             table[:, :, 0] = torch.tensor(rows)
+            self.tables[group] = table
             self.calls[group] = (list(table.unbind(0)), list(factors[0].widths), factors[0].A.dtype == torch.bfloat16)
+        self._step_operands: tuple | None = None
 
     def apply(self, layer: int, group: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """out (n, d_out) += each row's update of x (n, d_in); DoRA rows scaled by their g."""
@@ -258,6 +261,18 @@ class FusedPlan:
         if call is not None:
             tables, widths, bf16 = call
             self.kernel(x, out, tables[layer], widths, bf16)
+
+
+    def step_operands(self, groups: tuple[str, ...]) -> tuple[list[torch.Tensor], list[list[int]], bool]:
+        """The LoRA operands of the compiled decoding step (lorakit.serve.decode_step): per group in `groups`
+        order the (layers, rows, fields) table and the blocks' widths (empty where no row touches the group),
+        and whether the factors are bf16. Made once per plan."""
+        if self._step_operands is None:
+            empty = torch.empty(0, dtype=torch.long)
+            tables = [self.tables.get(g, empty) for g in groups]
+            widths = [self.calls[g][1] if g in self.calls else [] for g in groups]
+            self._step_operands = (tables, widths, any(call[2] for call in self.calls.values()))
+        return self._step_operands
 
 
 DecodePlan = GatherPlan | SegmentPlan | OneAdapterPlan | FusedPlan

@@ -1,4 +1,5 @@
-// The serving engine's compiled CPU kernels: lora_rows_ (below) and bf16_gemv_ (at the end).
+// The serving engine's compiled CPU kernels: lora_rows_ (below) and bf16_gemv_ (at the end); the module also
+// binds decode_step_ (decode_step.cpp). Shared cores: kernels.h.
 //
 // lora_rows_: the LoRA branch of one projection group for the decoding rows, in one call: each row reads its own
 // adapter's factors where they lie (Punica's BGMV, on the CPU), out[i] += (x[i] A_i^T) Bt_i, then *= g_i (DoRA).
@@ -19,76 +20,25 @@
 //          DoRA), Bt (rank, width) with the given row stride. Block b adds into the next widths[b] columns.
 //   widths the blocks' output widths (every projection of the group, adapted or not)
 //   bf16_factors: A, Bt and g are bf16 (else fp32)
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <c10/util/BFloat16.h>
 #include <torch/csrc/utils/pybind.h>
 
-#include <algorithm>
-#include <vector>
+#include "kernels.h"
 
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
 
+namespace lorakit {
+
 namespace {
 
 template <typename XT, typename FT>
 void run(const at::Tensor& x, const at::Tensor& out, const at::Tensor& table, const std::vector<int64_t>& widths) {
-  const int64_t d_in = x.size(1), d_out = out.size(1), lines = table.size(0), fields = table.size(1);
-  const XT* xp = x.data_ptr<XT>();
-  XT* op = out.data_ptr<XT>();
-  const int64_t* tp = table.data_ptr<int64_t>();
-  const int64_t sx = x.stride(0), so = out.stride(0);
-  auto rows = [&](int64_t begin, int64_t end) {
-    std::vector<float> xf(d_in), h, acc(d_out);
-    for (int64_t line = begin; line < end; ++line) {
-      const int64_t* entry = tp + line * fields;
-      const int64_t row = entry[0];
-      const FT* A = reinterpret_cast<const FT*>(entry[1]);
-      const FT* g = reinterpret_cast<const FT*>(entry[2]);
-      if (A == nullptr) continue;  // the adapter leaves this layer's group alone
-      const XT* xi = xp + row * sx;
-      for (int64_t k = 0; k < d_in; ++k) xf[k] = static_cast<float>(xi[k]);
-      int64_t rank_sum = 0;
-      for (size_t b = 0; b < widths.size(); ++b) rank_sum += entry[3 + 3 * b + 1];
-      h.resize(rank_sum);
-      for (int64_t r = 0; r < rank_sum; ++r) {
-        const FT* a = A + r * d_in;
-        float s = 0.f;
-#pragma omp simd reduction(+ : s)
-        for (int64_t k = 0; k < d_in; ++k) s += xf[k] * static_cast<float>(a[k]);
-        h[r] = s;
-      }
-      XT* o = op + row * so;
-      int64_t first = 0, col = 0;  // the block's first value of h and first column of out
-      for (size_t b = 0; b < widths.size(); ++b) {
-        const FT* Bt = reinterpret_cast<const FT*>(entry[3 + 3 * b]);
-        const int64_t rank = entry[3 + 3 * b + 1], stride = entry[3 + 3 * b + 2], width = widths[b];
-        float* acc_b = acc.data() + col;
-        std::fill(acc_b, acc_b + width, 0.f);
-        for (int64_t r = 0; r < rank; ++r) {
-          const float hr = h[first + r];
-          const FT* line_r = Bt + r * stride;
-#pragma omp simd
-          for (int64_t j = 0; j < width; ++j) acc_b[j] += hr * static_cast<float>(line_r[j]);
-        }
-        first += rank;
-        col += width;
-      }
-      if (g != nullptr) {  // DoRA: (base + update) * g over every column of the group
-        for (int64_t j = 0; j < d_out; ++j) o[j] = static_cast<XT>((static_cast<float>(o[j]) + acc[j]) * static_cast<float>(g[j]));
-      } else {
-        for (int64_t j = 0; j < col; ++j) o[j] = static_cast<XT>(static_cast<float>(o[j]) + acc[j]);
-      }
-    }
-  };
-  if (lines <= 1) {
-    rows(0, lines);  // no thread hand-off for a single row
-  } else {
-    at::parallel_for(0, lines, 1, rows);
-  }
+  lora_update<XT, FT>(x.data_ptr<XT>(), x.stride(0), out.data_ptr<XT>(), out.stride(0), x.size(1), out.size(1),
+                      table.data_ptr<int64_t>(), table.size(0), table.size(1), widths);
 }
+
+}  // namespace
 
 void lora_rows_(const at::Tensor& x, const at::Tensor& out, const at::Tensor& table, const std::vector<int64_t>& widths,
                 bool bf16_factors) {
@@ -132,6 +82,43 @@ bool has_bf16_gemv() {
 #endif
 }
 
+void bf16_gemv_columns(const c10::BFloat16* x, int64_t n, const c10::BFloat16* W, int64_t d_out, int64_t d_in,
+                       c10::BFloat16* out, int64_t j0, int64_t j1) {
+#if defined(__AVX512BF16__)
+  const int64_t tail = d_in % 32, body = d_in - tail;
+  const __mmask32 tail_mask = tail ? static_cast<__mmask32>((1ull << tail) - 1) : 0;
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x);
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(W);
+  __m512 acc[16];
+  for (int64_t j = j0; j < j1; ++j) {
+    const uint16_t* w = wp + j * d_in;
+    for (int64_t i = 0; i < n; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < body; k += 32) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k);
+      for (int64_t i = 0; i < n; ++i)
+        acc[i] = _mm512_dpbf16_ps(acc[i], wv, (__m512bh)_mm512_loadu_si512(xp + i * d_in + k));
+    }
+    if (tail) {
+      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(tail_mask, w + body);
+      for (int64_t i = 0; i < n; ++i)
+        acc[i] = _mm512_dpbf16_ps(acc[i], wv, (__m512bh)_mm512_maskz_loadu_epi16(tail_mask, xp + i * d_in + body));
+    }
+    for (int64_t i = 0; i < n; ++i) out[i * d_out + j] = c10::BFloat16(_mm512_reduce_add_ps(acc[i]));
+  }
+#else
+  TORCH_CHECK(false, "bf16_gemv: built without AVX-512 BF16");
+#endif
+}
+
+void bf16_gemv(const c10::BFloat16* x, int64_t n, const c10::BFloat16* W, int64_t d_out, int64_t d_in,
+               c10::BFloat16* out) {
+  at::parallel_for(0, d_out, 64, [&](int64_t begin, int64_t end) {
+    bf16_gemv_columns(x, n, W, d_out, d_in, out, begin, end);
+  });
+}
+
+namespace {
+
 void bf16_gemv_(const at::Tensor& x, const at::Tensor& W, const at::Tensor& out) {
   TORCH_CHECK(has_bf16_gemv(), "bf16_gemv_: built without AVX-512 BF16");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && W.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16,
@@ -140,37 +127,19 @@ void bf16_gemv_(const at::Tensor& x, const at::Tensor& W, const at::Tensor& out)
                   out.size(1) == W.size(0) && x.size(0) <= 16,
               "bf16_gemv_: x (n <= 16, d_in), W (d_out, d_in), out (n, d_out)");
   TORCH_CHECK(x.is_contiguous() && W.is_contiguous() && out.is_contiguous(), "bf16_gemv_: contiguous tensors only");
-#if defined(__AVX512BF16__)
-  const int64_t n = x.size(0), d_in = x.size(1), d_out = W.size(0), tail = d_in % 32, body = d_in - tail;
-  const __mmask32 tail_mask = tail ? static_cast<__mmask32>((1ull << tail) - 1) : 0;
-  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
-  const uint16_t* wp = reinterpret_cast<const uint16_t*>(W.data_ptr());
-  c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
-  at::parallel_for(0, d_out, 64, [&](int64_t begin, int64_t end) {
-    __m512 acc[16];
-    for (int64_t j = begin; j < end; ++j) {
-      const uint16_t* w = wp + j * d_in;
-      for (int64_t i = 0; i < n; ++i) acc[i] = _mm512_setzero_ps();
-      for (int64_t k = 0; k < body; k += 32) {
-        const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k);
-        for (int64_t i = 0; i < n; ++i)
-          acc[i] = _mm512_dpbf16_ps(acc[i], wv, (__m512bh)_mm512_loadu_si512(xp + i * d_in + k));
-      }
-      if (tail) {
-        const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(tail_mask, w + body);
-        for (int64_t i = 0; i < n; ++i)
-          acc[i] = _mm512_dpbf16_ps(acc[i], wv, (__m512bh)_mm512_maskz_loadu_epi16(tail_mask, xp + i * d_in + body));
-      }
-      for (int64_t i = 0; i < n; ++i) op[i * d_out + j] = c10::BFloat16(_mm512_reduce_add_ps(acc[i]));
-    }
-  });
-#endif
+  bf16_gemv(x.data_ptr<c10::BFloat16>(), x.size(0), W.data_ptr<c10::BFloat16>(), W.size(0), W.size(1),
+            out.data_ptr<c10::BFloat16>());
 }
 
 }  // namespace
 
+}  // namespace lorakit
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace lorakit;
   m.def("lora_rows_", &lora_rows_, "out[row] += (x[row] A^T) Bt (then *= g) for each line of the table, in one call");
   m.def("has_bf16_gemv", &has_bf16_gemv, "whether bf16_gemv_ was built (the compiler targets AVX-512 BF16)");
   m.def("bf16_gemv_", &bf16_gemv_, "out = x W^T for bf16 x (n <= 16, d_in) and W (d_out, d_in)");
+  m.def("decode_step_", &decode_step_, "a whole bf16 decoding step of a Llama-family model; returns the logits",
+        py::call_guard<py::gil_scoped_release>());
 }

@@ -1,0 +1,363 @@
+// decode_step_: a whole decoding step of a Llama-family model (bf16) in one call: for every layer RMSNorm, the
+// fused q/k/v product, rotary, the KV cache write, attention over the cache, the o product, the residual add,
+// RMSNorm, the fused gate/up product, SiLU-gate, the down product, the residual add, each product followed by
+// the rows' LoRA update (lora_update, the fused strategy's tables); then the final norm and the output head.
+//
+// Why: with the products at about 0.8x the memory bandwidth (bf16_gemv), a batch-1 step of the default model
+// still spent about a third of its time in the ~25 small torch ops per layer between them (norms, rotary,
+// attention's bookkeeping, casts, adds: 10-20 us of dispatch each, for a few hundred values of work). Here
+// they are plain loops over one row's values, and the whole step crosses from Python once.
+//
+// Roundings follow the engine's torch path (lorakit.serve.llama): the norm in fp32 rounded before the weight
+// scales it, each product rounded once, rotary as round(round(x cos) + roll(x) sin), attention in fp32 with
+// its output rounded once, SiLU rounded before the gate multiplies it, residual adds rounded.
+//
+// Operands (bf16 unless said; L layers, n <= 16 decoding rows, row i in cache slot i):
+//   h          (n, d) the embedded tokens, contiguous; holds the last layer's hidden states afterwards
+//   weights    4 per layer: qkv (q + 2 kv, d), o (d, q), gate_up (2 I, d), down (d, I), as nn.Linear holds them
+//   packed     oneDNN's packed copies of the weights, then the head's (the gemv layout's), for steps of more than
+//              one row; or empty (every product runs bf16_gemv)
+//   biases     4 per layer: that product's bias (d_out), or an empty tensor for none
+//   norms      2 per layer (input, post-attention) then the final norm's: (d)
+//   head       (vocab, d) the output head's weight
+//   k_cache, v_cache (L, slots, kv_heads, max_seq_len, head_dim)
+//   positions  (n) int64: each row's position (the cache is written there; attention covers 0..position)
+//   cos, signed_sin (max_seq_len, head_dim): the rotary tables (signed_sin: -sin on the first half)
+//   lora_tables 4 (the groups qkv, o, gate_up, down): (L, lines, 3 + 3 * blocks) int64 of lora_update, or empty
+//   lora_widths each group's block widths; bf16_factors: the factors are bf16 (else fp32)
+// Returns the logits (n, vocab).
+#include <ATen/ops/empty.h>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cmath>
+
+#include "kernels.h"
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
+namespace lorakit {
+
+#if defined(__AVX512BF16__)  // the step runs its products with bf16_gemv, its attention with AVX-512
+
+namespace {
+
+using bf16 = c10::BFloat16;
+
+inline float f32(bf16 v) { return static_cast<float>(v); }
+
+// y = round(round(x / rms(x)) * w), the rms in fp32
+void rms_norm(const bf16* x, const bf16* w, bf16* y, int64_t d, float eps) {
+  float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+  for (int64_t k = 0; k < d; ++k) squares += f32(x[k]) * f32(x[k]);
+  const float inv = 1.f / std::sqrt(squares / static_cast<float>(d) + eps);
+  for (int64_t k = 0; k < d; ++k) y[k] = bf16(f32(bf16(f32(x[k]) * inv)) * f32(w[k]));
+}
+
+// x (heads, head_dim) in place: x cos + roll(x, head_dim / 2) signed_sin
+void rotate(bf16* x, int64_t heads, int64_t head_dim, const bf16* cos, const bf16* signed_sin) {
+  const int64_t half = head_dim / 2;
+  float rolled[512];
+  for (int64_t head = 0; head < heads; ++head) {
+    bf16* v = x + head * head_dim;
+    for (int64_t j = 0; j < head_dim; ++j) rolled[j] = f32(v[(j + half) % head_dim]);
+    for (int64_t j = 0; j < head_dim; ++j)
+      v[j] = bf16(f32(bf16(f32(v[j]) * f32(cos[j]))) + rolled[j] * f32(signed_sin[j]));
+  }
+}
+
+struct Shape {
+  int64_t n, d, heads, kv_heads, head_dim, slots, max_seq;
+};
+
+// e^x for 16 floats: 2^(x log2 e) as 2^n (scalef) times a degree-6 polynomial of the fraction (relative error
+// about 1e-7 in fp32); x <= 0 here (scores minus their maximum)
+inline __m512 exp16(__m512 x) {
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+  for (float c : {1.339887440266574e-3f, 9.618437357674640e-3f, 5.550332471162809e-2f, 2.402264791363012e-1f,
+                  6.931472028550421e-1f, 1.f})
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+// 16 bf16 values as fp32
+inline __m512 load16(const bf16* v) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// q . k over head_dim (a multiple of 32) with bf16 dot products, fp32 sums
+inline float dot_bf16(const bf16* q, const bf16* k, int64_t hd) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t j = 0; j < hd; j += 32)
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(k + j), (__m512bh)_mm512_loadu_si512(q + j));
+  return _mm512_reduce_add_ps(acc);
+}
+
+// For row i and kv head g: the group's query heads attend over cache positions 0..pos; out (n, heads * head_dim).
+// Scores in fp32 (bf16 dot products where head_dim is a multiple of 32), softmax with a vectorized exp, the
+// weighted sum of values in fp32 (16 lanes at a time where head_dim is a multiple of 16), rounded once.
+void attend(const bf16* qkv, int64_t qkv_stride, const bf16* keys, const bf16* values, const int64_t* positions,
+            const Shape& s, float scale, bf16* out) {
+  const int64_t group = s.heads / s.kv_heads, hd = s.head_dim;
+  at::parallel_for(0, s.n * s.kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, acc(hd);
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const int64_t i = pair / s.kv_heads, g = pair % s.kv_heads, length = positions[i] + 1;
+      const int64_t padded = (length + 15) / 16 * 16;
+      const bf16* K = keys + (i * s.kv_heads + g) * s.max_seq * hd;
+      const bf16* V = values + (i * s.kv_heads + g) * s.max_seq * hd;
+      scores.assign(padded, -INFINITY);
+      for (int64_t head = g * group; head < (g + 1) * group; ++head) {
+        const bf16* q = qkv + i * qkv_stride + head * hd;
+        float top = -INFINITY;
+        for (int64_t t = 0; t < length; ++t) {
+          float dot = 0.f;
+          if (hd % 32 == 0) {
+            dot = dot_bf16(q, K + t * hd, hd);
+          } else {
+            for (int64_t j = 0; j < hd; ++j) dot += f32(q[j]) * f32(K[t * hd + j]);
+          }
+          scores[t] = dot * scale;
+          top = std::max(top, scores[t]);
+        }
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t t = 0; t < padded; t += 16) {  // past length: e^-inf = 0
+          const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(&scores[t]), _mm512_set1_ps(top)));
+          _mm512_storeu_ps(&scores[t], p);
+          sum = _mm512_add_ps(sum, p);
+        }
+        const float total = _mm512_reduce_add_ps(sum);
+        bf16* o = out + i * s.heads * hd + head * hd;
+        if (hd % 16 == 0) {
+          for (int64_t j = 0; j < hd; j += 16) {
+            __m512 a = _mm512_setzero_ps();
+            for (int64_t t = 0; t < length; ++t) a = _mm512_fmadd_ps(_mm512_set1_ps(scores[t]), load16(V + t * hd + j), a);
+            _mm512_storeu_ps(&acc[j], a);
+          }
+        } else {
+          std::fill(acc.begin(), acc.end(), 0.f);
+          for (int64_t t = 0; t < length; ++t)
+            for (int64_t j = 0; j < hd; ++j) acc[j] += scores[t] * f32(V[t * hd + j]);
+        }
+        for (int64_t j = 0; j < hd; ++j) o[j] = bf16(acc[j] / total);
+        std::fill(scores.begin(), scores.end(), -INFINITY);
+      }
+    }
+  });
+}
+
+struct Lora {
+  const at::Tensor* table;  // (L, lines, fields) or empty
+  const std::vector<int64_t>* widths;
+  bool bf16_factors;
+};
+
+// oneDNN's linear on a packed weight (torch.ops.mkldnn._linear_pointwise, as lorakit.serve.weights calls it)
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                         c10::string_view, c10::List<std::optional<at::Scalar>>,
+                                         std::optional<c10::string_view>)>();
+  return op.call(x, packed, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
+}
+
+// out (n, d_out) = x W^T (+ the rows' LoRA update) (+ bias). One row: bf16_gemv on W's rows; more rows: oneDNN on
+// the packed copy where there is one (its blocked kernel computes several rows per weight load; bf16_gemv reloads
+// x for every weight row). The columns are split between the threads, each adding the LoRA update of its own
+// columns; the lines' h = x A^T are computed first, split by line (one line: on each thread, where they cost less
+// than a second hand-off between the threads).
+template <typename FT>
+void project(const at::Tensor& x_t, const at::Tensor& W, const at::Tensor* packed, const at::Tensor& bias,
+             const Lora& lora, int64_t layer, bf16* out) {
+  const int64_t n = x_t.size(0), d_out = W.size(0), d_in = W.size(1);
+  const bf16* x = x_t.data_ptr<bf16>();
+  const bool gemv = n == 1 || packed == nullptr;
+  if (!gemv) {
+    const at::Tensor y = packed_linear(x_t, *packed);
+    std::copy_n(y.data_ptr<bf16>(), n * d_out, out);
+  }
+  const bf16* w = W.data_ptr<bf16>();
+  const bf16* b = bias.numel() ? bias.data_ptr<bf16>() : nullptr;
+  const int64_t lines = lora.table->numel() ? lora.table->size(1) : 0, fields = lines ? lora.table->size(2) : 0;
+  const int64_t* tp = lines ? lora.table->data_ptr<int64_t>() + layer * lines * fields : nullptr;
+  const size_t blocks = lora.widths->size();
+  if (!gemv && !lines && b == nullptr) return;
+  int64_t ranks = 0;  // h's width per line: the largest sum of ranks
+  for (int64_t line = 0; line < lines; ++line) ranks = std::max(ranks, rank_sum(tp + line * fields, blocks));
+  std::vector<float> hs(lines > 1 ? lines * ranks : 0);
+  if (lines > 1) {
+    at::parallel_for(0, lines, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> xf(d_in);
+      for (int64_t line = begin; line < end; ++line) {
+        const int64_t* entry = tp + line * fields;
+        if (entry[1] != 0) lora_h<bf16, FT>(x + entry[0] * d_in, d_in, entry, blocks, xf.data(), &hs[line * ranks]);
+      }
+    });
+  }
+  at::parallel_for(0, d_out, 64, [&](int64_t c0, int64_t c1) {
+    if (gemv) bf16_gemv_columns(x, n, w, d_out, d_in, out, c0, c1);
+    if (lines == 1) {
+      lora_columns<bf16, FT>(x, d_in, out, d_out, d_in, tp, 0, 1, fields, *lora.widths, c0, c1);
+    } else if (lines > 1) {
+      std::vector<float> acc(c1 - c0);
+      for (int64_t line = 0; line < lines; ++line) {
+        const int64_t* entry = tp + line * fields;
+        if (entry[1] != 0) lora_add<bf16, FT>(entry, *lora.widths, &hs[line * ranks], out + entry[0] * d_out, c0, c1, acc.data());
+      }
+    }
+    if (b != nullptr) {
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = c0; j < c1; ++j) out[i * d_out + j] = bf16(f32(out[i * d_out + j]) + f32(b[j]));
+    }
+  });
+}
+
+void project(const at::Tensor& x_t, const at::Tensor& W, const at::Tensor* packed, const at::Tensor& bias,
+             const Lora& lora, int64_t layer, bf16* out) {
+  if (lora.bf16_factors) {
+    project<bf16>(x_t, W, packed, bias, lora, layer, out);
+  } else {
+    project<float>(x_t, W, packed, bias, lora, layer, out);
+  }
+}
+
+void check(bool ok, const char* what) { TORCH_CHECK(ok, "decode_step_: ", what); }
+
+bool is_bf16_contiguous(const at::Tensor& t) {
+  return t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.is_contiguous();
+}
+
+}  // namespace
+
+at::Tensor decode_step_(const at::Tensor& h, const std::vector<at::Tensor>& weights,
+                        const std::vector<at::Tensor>& packed, const std::vector<at::Tensor>& biases,
+                        const std::vector<at::Tensor>& norms, const at::Tensor& head, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                        const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& signed_sin,
+                        int64_t heads, double eps, double scale, const std::vector<at::Tensor>& lora_tables,
+                        const std::vector<std::vector<int64_t>>& lora_widths, bool bf16_factors) {
+  const int64_t layers = static_cast<int64_t>(weights.size()) / 4;
+  check(layers > 0 && weights.size() == 4 * static_cast<size_t>(layers) && biases.size() == weights.size() &&
+            norms.size() == 2 * static_cast<size_t>(layers) + 1,
+        "4 weights and 4 biases per layer, 2 norms per layer and the final norm");
+  check(is_bf16_contiguous(h) && h.dim() == 2 && h.size(0) >= 1 && h.size(0) <= 16, "h is (n <= 16, d) bf16, contiguous");
+  check(is_bf16_contiguous(k_cache) && is_bf16_contiguous(v_cache) && k_cache.dim() == 5 &&
+            k_cache.sizes() == v_cache.sizes() && k_cache.size(0) == layers,
+        "the caches are (layers, slots, kv_heads, max_seq_len, head_dim) bf16, contiguous");
+  const Shape s{h.size(0), h.size(1), heads, k_cache.size(2), k_cache.size(4), k_cache.size(1), k_cache.size(3)};
+  const int64_t q_size = heads * s.head_dim, kv_size = s.kv_heads * s.head_dim;
+  check(s.head_dim <= 512 && s.head_dim % 2 == 0 && heads % s.kv_heads == 0 && s.n <= s.slots,
+        "head_dim is even and <= 512, heads a multiple of kv_heads, rows within the cache's slots");
+  check(positions.scalar_type() == at::kLong && positions.is_contiguous() && positions.numel() == s.n,
+        "positions is (n) int64, contiguous");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t i = 0; i < s.n; ++i) check(pos[i] >= 0 && pos[i] < s.max_seq, "a position is outside the cache");
+  check(is_bf16_contiguous(cos) && is_bf16_contiguous(signed_sin) && cos.dim() == 2 && cos.size(0) >= s.max_seq &&
+            cos.size(1) == s.head_dim && signed_sin.sizes() == cos.sizes(),
+        "cos and signed_sin are (max_seq_len, head_dim) bf16, contiguous");
+  const int64_t inter = weights[3].size(1);
+  const int64_t shapes[4][2] = {{q_size + 2 * kv_size, s.d}, {s.d, q_size}, {2 * inter, s.d}, {s.d, inter}};
+  for (int64_t l = 0; l < layers; ++l) {
+    for (int64_t p = 0; p < 4; ++p) {
+      const at::Tensor& W = weights[4 * l + p];
+      const at::Tensor& b = biases[4 * l + p];
+      check(is_bf16_contiguous(W) && W.dim() == 2 && W.size(0) == shapes[p][0] && W.size(1) == shapes[p][1],
+            "a layer's weights are qkv (q + 2 kv, d), o (d, q), gate_up (2 I, d), down (d, I), bf16, contiguous");
+      check(b.numel() == 0 || (is_bf16_contiguous(b) && b.numel() == shapes[p][0]), "a bias is (d_out) bf16 or empty");
+    }
+    for (int64_t k = 0; k < 2; ++k) check(is_bf16_contiguous(norms[2 * l + k]) && norms[2 * l + k].numel() == s.d, "a norm is (d) bf16");
+  }
+  check(is_bf16_contiguous(norms.back()) && norms.back().numel() == s.d, "the final norm is (d) bf16");
+  check(is_bf16_contiguous(head) && head.dim() == 2 && head.size(1) == s.d, "head is (vocab, d) bf16, contiguous");
+  check(packed.empty() || packed.size() == weights.size() + 1, "packed holds the weights' packed copies and the head's, or nothing");
+  for (size_t k = 0; k < packed.size(); ++k)
+    check(packed[k].is_mkldnn() && packed[k].scalar_type() == at::kBFloat16 &&
+              packed[k].sizes() == (k < weights.size() ? weights[k] : head).sizes(),
+          "a packed weight is oneDNN's bf16 copy of its weight (torch.ops.mkldnn._reorder_linear_weight)");
+  auto packed_of = [&](size_t k) { return packed.empty() ? nullptr : &packed[k]; };
+  check(lora_tables.size() == 4 && lora_widths.size() == 4, "one LoRA table and one list of widths per group");
+  Lora lora[4];
+  for (int64_t p = 0; p < 4; ++p) {
+    const at::Tensor& t = lora_tables[p];
+    lora[p] = Lora{&t, &lora_widths[p], bf16_factors};
+    if (t.numel() == 0) continue;
+    int64_t width = 0;
+    for (int64_t w : lora_widths[p]) width += w;
+    check(t.scalar_type() == at::kLong && t.is_contiguous() && t.dim() == 3 && t.size(0) == layers &&
+              t.size(2) == 3 + 3 * static_cast<int64_t>(lora_widths[p].size()) && width == shapes[p][0],
+          "a LoRA table is (layers, lines, 3 + 3 * blocks) int64 whose blocks' widths add up to the group's outputs");
+    const int64_t* tp = t.data_ptr<int64_t>();
+    for (int64_t line = 0; line < t.size(0) * t.size(1); ++line)
+      check(tp[line * t.size(2)] >= 0 && tp[line * t.size(2)] < s.n, "a LoRA table's row index is out of range");
+  }
+
+  auto opts = h.options();
+  at::Tensor x = at::empty({s.n, s.d}, opts), qkv = at::empty({s.n, q_size + 2 * kv_size}, opts);
+  at::Tensor attn = at::empty({s.n, q_size}, opts), part = at::empty({s.n, s.d}, opts);
+  at::Tensor gate_up = at::empty({s.n, 2 * inter}, opts), gated = at::empty({s.n, inter}, opts);
+  bf16 *hp = h.data_ptr<bf16>(), *xp = x.data_ptr<bf16>(), *qkvp = qkv.data_ptr<bf16>();
+  bf16 *attnp = attn.data_ptr<bf16>(), *partp = part.data_ptr<bf16>(), *gup = gate_up.data_ptr<bf16>();
+  bf16* gatedp = gated.data_ptr<bf16>();
+  const int64_t layer_cache = s.slots * s.kv_heads * s.max_seq * s.head_dim;
+  auto residual = [&]() {
+    for (int64_t k = 0; k < s.n * s.d; ++k) hp[k] = bf16(f32(hp[k]) + f32(partp[k]));
+  };
+
+  for (int64_t l = 0; l < layers; ++l) {
+    for (int64_t i = 0; i < s.n; ++i) rms_norm(hp + i * s.d, norms[2 * l].data_ptr<bf16>(), xp + i * s.d, s.d, eps);
+    project(x, weights[4 * l], packed_of(4 * l), biases[4 * l], lora[0], l, qkvp);
+    bf16* keys = k_cache.data_ptr<bf16>() + l * layer_cache;
+    bf16* values = v_cache.data_ptr<bf16>() + l * layer_cache;
+    for (int64_t i = 0; i < s.n; ++i) {  // q and k rotate, k and v go into the cache at the row's position
+      bf16* row = qkvp + i * (q_size + 2 * kv_size);
+      const bf16* c = cos.data_ptr<bf16>() + pos[i] * s.head_dim;
+      const bf16* sn = signed_sin.data_ptr<bf16>() + pos[i] * s.head_dim;
+      rotate(row, heads + s.kv_heads, s.head_dim, c, sn);
+      for (int64_t g = 0; g < s.kv_heads; ++g) {
+        const int64_t at_pos = ((i * s.kv_heads + g) * s.max_seq + pos[i]) * s.head_dim;
+        std::copy_n(row + q_size + g * s.head_dim, s.head_dim, keys + at_pos);
+        std::copy_n(row + q_size + kv_size + g * s.head_dim, s.head_dim, values + at_pos);
+      }
+    }
+    attend(qkvp, q_size + 2 * kv_size, keys, values, pos, s, static_cast<float>(scale), attnp);
+    project(attn, weights[4 * l + 1], packed_of(4 * l + 1), biases[4 * l + 1], lora[1], l, partp);
+    residual();
+    for (int64_t i = 0; i < s.n; ++i) rms_norm(hp + i * s.d, norms[2 * l + 1].data_ptr<bf16>(), xp + i * s.d, s.d, eps);
+    project(x, weights[4 * l + 2], packed_of(4 * l + 2), biases[4 * l + 2], lora[2], l, gup);
+    for (int64_t i = 0; i < s.n; ++i) {
+      const bf16* gate = gup + i * 2 * inter;
+      for (int64_t j = 0; j < inter; ++j) {
+        const float g = f32(gate[j]);
+        gatedp[i * inter + j] = bf16(f32(bf16(g / (1.f + std::exp(-g)))) * f32(gate[inter + j]));
+      }
+    }
+    project(gated, weights[4 * l + 3], packed_of(4 * l + 3), biases[4 * l + 3], lora[3], l, partp);
+    residual();
+  }
+  for (int64_t i = 0; i < s.n; ++i) rms_norm(hp + i * s.d, norms.back().data_ptr<bf16>(), xp + i * s.d, s.d, eps);
+  if (s.n > 1 && !packed.empty()) return packed_linear(x, packed.back());
+  at::Tensor logits = at::empty({s.n, head.size(0)}, opts);
+  bf16_gemv(xp, s.n, head.data_ptr<bf16>(), head.size(0), s.d, logits.data_ptr<bf16>());
+  return logits;
+}
+
+#else
+
+at::Tensor decode_step_(const at::Tensor&, const std::vector<at::Tensor>&, const std::vector<at::Tensor>&,
+                        const std::vector<at::Tensor>&, const std::vector<at::Tensor>&, const at::Tensor&,
+                        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                        int64_t, double, double, const std::vector<at::Tensor>&,
+                        const std::vector<std::vector<int64_t>>&, bool) {
+  TORCH_CHECK(false, "decode_step_: built without AVX-512 BF16");
+}
+
+#endif
+
+}  // namespace lorakit

@@ -11,7 +11,8 @@ from serve_fixtures import ADAPTERS, adapter_dirs, base_model  # noqa: F401 (fix
 
 from lorakit import LorakitError
 from lorakit.serve import Engine, EngineConfig, Request, SamplingParams
-from lorakit.serve.llama import LlamaRunner, StepBatch
+from lorakit.serve.llama import LlamaRunner
+from lorakit.serve.step_batch import StepBatch
 from lorakit.serve.lora_kernel import step_kernel
 
 needs_step = pytest.mark.skipif(step_kernel() is None, reason="this CPU (or compiler) has no AVX-512 BF16: the "

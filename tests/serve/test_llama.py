@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lorakit import LorakitError
-from lorakit.serve.llama import LlamaRunner, StepBatch
+from lorakit.serve.llama import LlamaRunner
+from lorakit.serve.step_batch import StepBatch
 from lorakit.serve.weights import usable_layouts
 
 # every layout the engine may choose in fp32 on this machine; packed where this torch has oneDNN (gemv is bf16's)

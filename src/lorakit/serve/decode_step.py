@@ -12,7 +12,7 @@ run, saying why) or "torch".
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,9 +20,10 @@ from torch import nn
 from lorakit.core.errors import LorakitError
 from lorakit.serve.lora_kernel import step_kernel
 from lorakit.serve.multi_lora import FusedPlan
+from lorakit.serve.step_batch import StepBatch
 
-if TYPE_CHECKING:
-    from lorakit.serve.llama import LlamaRunner, StepBatch
+# the runner's type is lorakit.serve.llama.LlamaRunner, which builds its CompiledStep: `Any` keeps the import one-way
+Runner = Any
 
 MAX_ROWS = 16  # the compiled products' register blocking (bf16_gemv)
 STEP_CHOICES = ("auto", "compiled", "torch")
@@ -57,7 +58,7 @@ class CompiledStep:
         model: the base model whose modules the runner holds.
     """
 
-    def __init__(self, runner: LlamaRunner, model: nn.Module) -> None:
+    def __init__(self, runner: Runner, model: nn.Module) -> None:
         self.kernel, self.runner = step_kernel(), runner
         rows = (lambda held: held[1]) if runner.weight_layout == "gemv" else (lambda held: held)
         no_bias = torch.empty(0, dtype=runner.dtype)
@@ -93,7 +94,7 @@ class CompiledStep:
         return logits if runner.head_bias is None else logits.add_(runner.head_bias)
 
 
-def compiled_step(runner: LlamaRunner, model: nn.Module, choice: str) -> CompiledStep | None:
+def compiled_step(runner: Runner, model: nn.Module, choice: str) -> CompiledStep | None:
     """The runner's compiled step for `EngineConfig.decode_step` (None: the torch path).
 
     Raises:

@@ -29,7 +29,7 @@ from lorakit.serve.adapters import AdapterStore, AdapterWeights, read_adapter
 from lorakit.serve.decode_step import STEP_CHOICES
 from lorakit.serve.detokenize import IncrementalText
 from lorakit.serve.kv_cache import layout_moves
-from lorakit.serve.llama import GROUPS, LlamaRunner, StepBatch
+from lorakit.serve.llama import GROUPS, LlamaRunner
 from lorakit.serve.lora_kernel import pick as pick_lora_kernel
 from lorakit.serve.multi_lora import DecodePlan, FusedPlan, GatherPlan, LoraBatch, OneAdapterPlan, RowFactors, SegmentPlan
 from lorakit.serve.prompts import prompt_ids
@@ -41,6 +41,7 @@ from lorakit.serve.requests import (
     SamplingParams,
 )
 from lorakit.serve.sampling import make_generator, sample
+from lorakit.serve.step_batch import StepBatch
 from lorakit.serve.weights import LAYOUTS
 from lorakit.training.generation import stop_token_ids
 

@@ -28,6 +28,7 @@ from lorakit.serve.adapters import GroupLayout
 from lorakit.serve.decode_step import compiled_step, why_not_compiled
 from lorakit.serve.kv_cache import KVCache
 from lorakit.serve.multi_lora import LoraBatch
+from lorakit.serve.step_batch import StepBatch
 from lorakit.serve.weights import LAYOUTS, choose_layout, hold, product, usable_layouts
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
@@ -36,27 +37,6 @@ GROUPS = {"qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o": ("self_attn
           "gate_up": ("mlp", ("gate_proj", "up_proj")), "down": ("mlp", ("down_proj",))}
 # rope types whose frequencies do not depend on the sequence length, so one table serves every step
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")
-
-
-@dataclass
-class StepBatch:
-    """The tokens of one forward.
-
-    Attributes:
-        tokens: (N,) ids: one per decoding row, then each new prompt.
-        positions: (N,) each token's position in its sequence.
-        n_decode: decoding rows (cache slots 0..n_decode-1, one token each).
-        prefills: (cache slot, first token index, length) of each new prompt.
-        logit_rows: (M,) indices of the tokens whose next-token logits are wanted.
-        lora: the LoRA branch of these rows (None: every row on the base).
-    """
-
-    tokens: torch.Tensor
-    positions: torch.Tensor
-    n_decode: int
-    prefills: list[tuple[int, int, int]]
-    logit_rows: torch.Tensor
-    lora: LoraBatch | None
 
 
 # RMSNorm classes computing weight * (x / rms(x)) with the normalization in fp32, as Llama's does

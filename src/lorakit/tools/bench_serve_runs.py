@@ -27,7 +27,8 @@ def _engine_config(cfg: BenchServeConfig, rows: int, seq_len: int, adapters: int
 
     return EngineConfig(max_batch_size=rows, max_seq_len=seq_len, max_loaded_adapters=max(adapters, 1),
                         lora_strategy=cfg.lora_strategy, prefill=cfg.prefill,
-                        lora_dtype=cfg.lora_dtype, weight_layout=cfg.weight_layout)
+                        lora_dtype=cfg.lora_dtype, weight_layout=cfg.weight_layout,
+                        decode_step=cfg.decode_step)
 
 
 def _load(cfg: BenchServeConfig, device: torch.device):
@@ -69,7 +70,8 @@ def run_engine(kind: str, cfg: BenchServeConfig, device: torch.device, tmp: Path
         handles = serve_closed_loop(engine, requests, cfg.concurrency)
     result = summarize_handles(handles, time.perf_counter() - start, waited)
     return {**result, "peak_mem_bytes": peak_memory(device), "adapters": 0 if kind == "base" else n_adapters,
-            "weight_layout": engine.runner.weight_layout, "lora_strategy": engine.lora_strategy}
+            "weight_layout": engine.runner.weight_layout, "lora_strategy": engine.lora_strategy,
+            "decode_step": engine.decode_step}
 
 
 class _FirstTokenClock:
@@ -153,8 +155,10 @@ def run_decode(kind: str, cfg: BenchServeConfig, device: torch.device, tmp: Path
     notes = {"decode-base": "the engine, no adapter", "decode-unmerged": f"the engine, one r={cfg.r} adapter unmerged",
              "decode-merged": "the engine, that adapter merged into the weights"}
     strategy = f"; LoRA {engine.lora_strategy}" if kind == "decode-unmerged" else ""
-    return {"tokens_per_s": best, "note": f"{notes[kind]}; weights {engine.runner.weight_layout}{strategy}",
-            "weight_layout": engine.runner.weight_layout, "lora_strategy": engine.lora_strategy}
+    return {"tokens_per_s": best, "note": f"{notes[kind]}; weights {engine.runner.weight_layout}{strategy}; "
+                                          f"steps {engine.decode_step}",
+            "weight_layout": engine.runner.weight_layout, "lora_strategy": engine.lora_strategy,
+            "decode_step": engine.decode_step}
 
 
 def run_generate_decode(kind: str, cfg: BenchServeConfig, device: torch.device, tmp: Path, n_adapters: int) -> dict:

@@ -46,9 +46,11 @@ class BenchServeConfig:
     lora_strategy: Literal["auto", "fused", "gather", "segment"] = "auto"
     """The engine's per-row LoRA branch (auto: fused where its kernel builds, else gather)."""
     lora_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """The dtype of the engine's LoRA factors (auto: fp32 on the CPU, the model's elsewhere)."""
+    """The dtype of the engine's LoRA factors (auto: the model's off the CPU or where the compiled step runs them)."""
     weight_layout: Literal["auto", "transposed", "rows", "packed", "gemv"] = "auto"
-    """How the engine holds the base weights (auto: the fastest on this machine, measured once)."""
+    """How the engine holds the base weights (auto: gemv where the compiled step runs, else the fastest here)."""
+    decode_step: Literal["auto", "compiled", "torch"] = "auto"
+    """How the engine runs steps that only decode (auto: one compiled call where it applies)."""
     prefill: Literal["with_decode", "separate"] = "with_decode"
     """Whether new prompts ride in the decoding step or get a forward of their own."""
     decode_tokens: int = 128

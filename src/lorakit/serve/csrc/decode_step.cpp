@@ -74,7 +74,7 @@ struct Shape {
 };
 
 // e^x for 16 floats: 2^(x log2 e) as 2^n (scalef) times a degree-6 polynomial of the fraction (relative error
-// about 1e-7 in fp32); x <= 0 here (scores minus their maximum)
+// about 1e-7 in fp32); below -87 it is taken as -87, above about 88 it is inf
 inline __m512 exp16(__m512 x) {
   const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(1.44269504088896341f));
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -92,63 +92,136 @@ inline __m512 load16(const bf16* v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
-// q . k over head_dim (a multiple of 32) with bf16 dot products, fp32 sums
-inline float dot_bf16(const bf16* q, const bf16* k, int64_t hd) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t j = 0; j < hd; j += 32)
-    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(k + j), (__m512bh)_mm512_loadu_si512(q + j));
-  return _mm512_reduce_add_ps(acc);
+// 16 fp32 values rounded to bf16 (to nearest even, as c10::BFloat16) and back
+inline __m512 round_bf16(__m512 v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
 }
 
-// For row i and kv head g: the group's query heads attend over cache positions 0..pos; out (n, heads * head_dim).
-// Scores in fp32 (bf16 dot products where head_dim is a multiple of 32), softmax with a vectorized exp, the
-// weighted sum of values in fp32 (16 lanes at a time where head_dim is a multiple of 16), rounded once.
+// out[j] = round(round(silu(gate[j])) * up[j]) for j < width, up = gate + width (the fused gate/up product's row)
+void silu_gate(const bf16* gate, int64_t width, bf16* out) {
+  const bf16* up = gate + width;
+  int64_t j = 0;
+  for (; j + 16 <= width; j += 16) {
+    const __m512 g = load16(gate + j);
+    const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+    const __m512 product = _mm512_mul_ps(round_bf16(silu), load16(up + j));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), (__m256i)_mm512_cvtneps_pbh(product));
+  }
+  for (; j < width; ++j) {
+    const float g = f32(gate[j]);
+    out[j] = bf16(f32(bf16(g / (1.f + std::exp(-g)))) * f32(up[j]));
+  }
+}
+
+// r[t] = the sum of a[t]'s 16 lanes, for t < 16: a transposing tree of adds (4 levels, 15 vector adds) instead of
+// 16 horizontal sums
+inline __m512 hsum16(const __m512* a) {
+  __m512 b[8], c[4];
+  for (int k = 0; k < 8; ++k)  // per 128-bit lane: [a2k: 0+2, a2k+1: 0+2, a2k: 1+3, a2k+1: 1+3]
+    b[k] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * k], a[2 * k + 1]), _mm512_unpackhi_ps(a[2 * k], a[2 * k + 1]));
+  for (int k = 0; k < 4; ++k) {  // per 128-bit lane: the lane's sums of a4k .. a4k+3
+    const __m512d x = _mm512_castps_pd(b[2 * k]), y = _mm512_castps_pd(b[2 * k + 1]);
+    c[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  // across the four 128-bit lanes: lane k of the result gathers c[k]'s four lanes
+  const __m512 e0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x44), _mm512_shuffle_f32x4(c[0], c[1], 0xEE));
+  const __m512 e1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x44), _mm512_shuffle_f32x4(c[2], c[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(e0, e1, 0x88), _mm512_shuffle_f32x4(e0, e1, 0xDD));
+}
+
+// G query heads q (G x hd, one after another) attend over positions 0..length-1 of K and V (length x hd rows);
+// out (G x hd). Scores in fp32 (bf16 dot products, 16 positions at a time, where hd is a multiple of 32), softmax
+// with a vectorized exp, the values' weighted sum in fp32 (all G heads per value row read, where hd is a multiple
+// of 16), each output rounded once. scores: scratch.
+template <int G>
+void attend_heads(const bf16* q, const bf16* K, const bf16* V, int64_t length, int64_t hd, float scale, bf16* out,
+                  std::vector<float>& scores) {
+  const int64_t padded = (length + 15) / 16 * 16;
+  scores.resize(G * padded);
+  float total[G];
+  for (int h = 0; h < G; ++h) {
+    float* sc = scores.data() + h * padded;
+    const bf16* qh = q + h * hd;
+    if (hd % 32 == 0) {
+      for (int64_t t0 = 0; t0 < padded; t0 += 16) {
+        __m512 a[16];
+        for (int m = 0; m < 16; ++m) {
+          a[m] = _mm512_setzero_ps();
+          if (t0 + m >= length) continue;
+          const bf16* k = K + (t0 + m) * hd;
+          for (int64_t j = 0; j < hd; j += 32)
+            a[m] = _mm512_dpbf16_ps(a[m], (__m512bh)_mm512_loadu_si512(k + j), (__m512bh)_mm512_loadu_si512(qh + j));
+        }
+        _mm512_storeu_ps(sc + t0, _mm512_mul_ps(hsum16(a), _mm512_set1_ps(scale)));
+      }
+    } else {
+      for (int64_t t = 0; t < length; ++t) {
+        float dot = 0.f;
+        for (int64_t j = 0; j < hd; ++j) dot += f32(qh[j]) * f32(K[t * hd + j]);
+        sc[t] = dot * scale;
+      }
+    }
+    for (int64_t t = length; t < padded; ++t) sc[t] = -INFINITY;  // e^-inf = 0 below
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    for (int64_t t = 0; t < padded; t += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(sc + t));
+    top = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t t = 0; t < padded; t += 16) {
+      const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(sc + t), top));
+      _mm512_storeu_ps(sc + t, p);
+      sum = _mm512_add_ps(sum, p);
+    }
+    total[h] = _mm512_reduce_add_ps(sum);
+  }
+  if (hd % 16 == 0) {
+    for (int64_t j = 0; j < hd; j += 16) {
+      __m512 acc[G];
+      for (int h = 0; h < G; ++h) acc[h] = _mm512_setzero_ps();
+      for (int64_t t = 0; t < length; ++t) {
+        const __m512 v = load16(V + t * hd + j);
+        for (int h = 0; h < G; ++h) acc[h] = _mm512_fmadd_ps(_mm512_set1_ps(scores[h * padded + t]), v, acc[h]);
+      }
+      for (int h = 0; h < G; ++h) {
+        const __m512 o = _mm512_div_ps(acc[h], _mm512_set1_ps(total[h]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + h * hd + j), (__m256i)_mm512_cvtneps_pbh(o));
+      }
+    }
+  } else {
+    for (int h = 0; h < G; ++h)
+      for (int64_t j = 0; j < hd; ++j) {
+        float a = 0.f;
+        for (int64_t t = 0; t < length; ++t) a += scores[h * padded + t] * f32(V[t * hd + j]);
+        out[h * hd + j] = bf16(a / total[h]);
+      }
+  }
+}
+
+// The group's G query heads of one row; G up to 8 in one pass (each value row read once for all of them)
+void attend_group(const bf16* q, int64_t G, const bf16* K, const bf16* V, int64_t length, int64_t hd, float scale,
+                  bf16* out, std::vector<float>& scores) {
+  switch (G) {
+    case 1: return attend_heads<1>(q, K, V, length, hd, scale, out, scores);
+    case 2: return attend_heads<2>(q, K, V, length, hd, scale, out, scores);
+    case 3: return attend_heads<3>(q, K, V, length, hd, scale, out, scores);
+    case 4: return attend_heads<4>(q, K, V, length, hd, scale, out, scores);
+    case 8: return attend_heads<8>(q, K, V, length, hd, scale, out, scores);
+    default:
+      for (int64_t h = 0; h < G; ++h) attend_heads<1>(q + h * hd, K, V, length, hd, scale, out + h * hd, scores);
+  }
+}
+
+// Row i's query heads attend over its cache slot's positions 0..pos, one (row, kv head) pair per task;
+// out (n, heads * head_dim)
 void attend(const bf16* qkv, int64_t qkv_stride, const bf16* keys, const bf16* values, const int64_t* positions,
             const Shape& s, float scale, bf16* out) {
   const int64_t group = s.heads / s.kv_heads, hd = s.head_dim;
   at::parallel_for(0, s.n * s.kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, acc(hd);
+    std::vector<float> scores;
     for (int64_t pair = begin; pair < end; ++pair) {
-      const int64_t i = pair / s.kv_heads, g = pair % s.kv_heads, length = positions[i] + 1;
-      const int64_t padded = (length + 15) / 16 * 16;
-      const bf16* K = keys + (i * s.kv_heads + g) * s.max_seq * hd;
-      const bf16* V = values + (i * s.kv_heads + g) * s.max_seq * hd;
-      scores.assign(padded, -INFINITY);
-      for (int64_t head = g * group; head < (g + 1) * group; ++head) {
-        const bf16* q = qkv + i * qkv_stride + head * hd;
-        float top = -INFINITY;
-        for (int64_t t = 0; t < length; ++t) {
-          float dot = 0.f;
-          if (hd % 32 == 0) {
-            dot = dot_bf16(q, K + t * hd, hd);
-          } else {
-            for (int64_t j = 0; j < hd; ++j) dot += f32(q[j]) * f32(K[t * hd + j]);
-          }
-          scores[t] = dot * scale;
-          top = std::max(top, scores[t]);
-        }
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t t = 0; t < padded; t += 16) {  // past length: e^-inf = 0
-          const __m512 p = exp16(_mm512_sub_ps(_mm512_loadu_ps(&scores[t]), _mm512_set1_ps(top)));
-          _mm512_storeu_ps(&scores[t], p);
-          sum = _mm512_add_ps(sum, p);
-        }
-        const float total = _mm512_reduce_add_ps(sum);
-        bf16* o = out + i * s.heads * hd + head * hd;
-        if (hd % 16 == 0) {
-          for (int64_t j = 0; j < hd; j += 16) {
-            __m512 a = _mm512_setzero_ps();
-            for (int64_t t = 0; t < length; ++t) a = _mm512_fmadd_ps(_mm512_set1_ps(scores[t]), load16(V + t * hd + j), a);
-            _mm512_storeu_ps(&acc[j], a);
-          }
-        } else {
-          std::fill(acc.begin(), acc.end(), 0.f);
-          for (int64_t t = 0; t < length; ++t)
-            for (int64_t j = 0; j < hd; ++j) acc[j] += scores[t] * f32(V[t * hd + j]);
-        }
-        for (int64_t j = 0; j < hd; ++j) o[j] = bf16(acc[j] / total);
-        std::fill(scores.begin(), scores.end(), -INFINITY);
-      }
+      const int64_t i = pair / s.kv_heads, g = pair % s.kv_heads;
+      const int64_t at = (i * s.kv_heads + g) * s.max_seq * hd;
+      attend_group(qkv + i * qkv_stride + g * group * hd, group, keys + at, values + at, positions[i] + 1, hd, scale,
+                   out + i * s.heads * hd + g * group * hd, scores);
     }
   });
 }
@@ -331,13 +404,7 @@ at::Tensor decode_step_(const at::Tensor& h, const std::vector<at::Tensor>& weig
     residual();
     for (int64_t i = 0; i < s.n; ++i) rms_norm(hp + i * s.d, norms[2 * l + 1].data_ptr<bf16>(), xp + i * s.d, s.d, eps);
     project(x, weights[4 * l + 2], packed_of(4 * l + 2), biases[4 * l + 2], lora[2], l, gup);
-    for (int64_t i = 0; i < s.n; ++i) {
-      const bf16* gate = gup + i * 2 * inter;
-      for (int64_t j = 0; j < inter; ++j) {
-        const float g = f32(gate[j]);
-        gatedp[i * inter + j] = bf16(f32(bf16(g / (1.f + std::exp(-g)))) * f32(gate[inter + j]));
-      }
-    }
+    for (int64_t i = 0; i < s.n; ++i) silu_gate(gup + i * 2 * inter, inter, gatedp + i * inter);
     project(gated, weights[4 * l + 3], packed_of(4 * l + 3), biases[4 * l + 3], lora[3], l, partp);
     residual();
   }

@@ -130,3 +130,26 @@ def test_the_compiled_step_reads_the_weights_rows():
     with pytest.raises(LorakitError, match="weight_layout 'transposed' holds none"):
         LlamaRunner(tiny("llama", 8, torch.bfloat16), max_rows=1, max_seq_len=8, layout="transposed",
                     decode_step="compiled")
+
+
+@needs_step
+@pytest.mark.parametrize("head_dim,heads,kv_heads,length", [(64, 9, 3, 37), (32, 4, 4, 20), (8, 4, 2, 17), (64, 8, 1, 1)])
+def test_the_compiled_prefill_attention_is_as_close_to_fp32_as_sdpa(head_dim, heads, kv_heads, length):
+    from lorakit.serve.lora_kernel import prefill_attention_kernel
+
+    g = torch.Generator().manual_seed(length)
+    # q as the runner passes it: a view of the rotated q/k rows, heads contiguous, rows wider than the heads
+    q = torch.randn(length, heads + kv_heads, head_dim, generator=g).bfloat16()[:, :heads]
+    keys, values = (torch.randn(kv_heads, 48, head_dim, generator=g).bfloat16() for _ in range(2))
+    scale = head_dim ** -0.5
+
+    def sdpa(dtype):
+        return torch.nn.functional.scaled_dot_product_attention(
+            q.to(dtype).transpose(0, 1)[None], keys[None, :, :length].to(dtype), values[None, :, :length].to(dtype),
+            is_causal=True, scale=scale, enable_gqa=True)[0].transpose(0, 1).reshape(length, -1).float()
+
+    got = prefill_attention_kernel()(q, keys, values, length, scale).float()
+    exact, rounded = sdpa(torch.float32), sdpa(torch.bfloat16)
+    assert (got - exact).abs().max() <= 1.5 * (rounded - exact).abs().max() + 1e-3
+    with pytest.raises(RuntimeError, match="keys and values are"):
+        prefill_attention_kernel()(q, keys.float(), values, length, scale)

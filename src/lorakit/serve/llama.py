@@ -27,6 +27,7 @@ from lorakit.core.layers import LoraLayer
 from lorakit.serve.adapters import GroupLayout
 from lorakit.serve.decode_step import compiled_step, why_not_compiled
 from lorakit.serve.kv_cache import KVCache
+from lorakit.serve.lora_kernel import prefill_attention_kernel
 from lorakit.serve.multi_lora import LoraBatch
 from lorakit.serve.step_batch import StepBatch
 from lorakit.serve.weights import LAYOUTS, choose_layout, hold, product, usable_layouts
@@ -135,6 +136,10 @@ class LlamaRunner:
         self.cos, self.signed_sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
         self.cache = KVCache(len(self.layers), max_rows, self.n_kv, max_seq_len, self.head_dim, self.dtype, self.device)
         self.compiled_step = compiled_step(self, model, decode_step)
+        # new prompts' causal attention: compiled wherever the compiled step runs and its scores take bf16 dot
+        # products (head_dim a multiple of 32): 2x sdpa's CPU kernel on prompts of 144 tokens (README, Serving)
+        self._prefill_attention = prefill_attention_kernel() \
+            if self.compiled_step is not None and self.head_dim % 32 == 0 else None
 
     @staticmethod
     def _shapes(model: nn.Module) -> list[tuple[int, int]]:
@@ -225,6 +230,9 @@ class LlamaRunner:
             span = slice(start, start + length)
             keys[slot, :, :length] = k[span].transpose(0, 1)
             values[slot, :, :length] = v[span].transpose(0, 1)
+            if self._prefill_attention is not None:  # compiled, bf16: README, Serving
+                parts.append(self._prefill_attention(q[span], keys[slot], values[slot], length, self.scaling))
+                continue
             out = F.scaled_dot_product_attention(
                 q[span].transpose(0, 1)[None], k[span].transpose(0, 1)[None], v[span].transpose(0, 1)[None],
                 is_causal=True, scale=self.scaling, enable_gqa=True)

@@ -58,6 +58,14 @@ def gemv_kernel() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] 
     return module.bf16_gemv_ if module is not None and module.has_bf16_gemv() else None
 
 
+def prefill_attention_kernel() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, float], torch.Tensor] | None:
+    """The compiled `prefill_attention_(q, keys, values, length, scale)`: causal attention of one bf16 prompt
+    (q (length, heads, head_dim)) over its keys and values in its cache slot ((kv_heads, max_seq_len, head_dim));
+    returns (length, heads * head_dim). None where the build failed or the CPU has no AVX-512 BF16."""
+    module, _ = _build()
+    return module.prefill_attention_ if module is not None and module.has_bf16_gemv() else None
+
+
 def step_kernel() -> Callable[..., torch.Tensor] | None:
     """The compiled `decode_step_` (a whole bf16 decoding step of a Llama-family model; csrc/decode_step.cpp), or
     None where the build failed or the CPU has no AVX-512 BF16 (it runs its products with bf16_gemv_)."""

@@ -142,4 +142,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_gemv_", &bf16_gemv_, "out = x W^T for bf16 x (n <= 16, d_in) and W (d_out, d_in)");
   m.def("decode_step_", &decode_step_, "a whole bf16 decoding step of a Llama-family model; returns the logits",
         py::call_guard<py::gil_scoped_release>());
+  m.def("prefill_attention_", &prefill_attention_, "causal attention of one bf16 prompt over its cache slot",
+        py::call_guard<py::gil_scoped_release>());
 }

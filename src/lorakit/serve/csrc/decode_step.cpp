@@ -226,6 +226,31 @@ void attend(const bf16* qkv, int64_t qkv_stride, const bf16* keys, const bf16* v
   });
 }
 
+// Causal attention of one new prompt over itself, its keys and values already in its cache slot: token t's query
+// heads attend over positions 0..t. q (L, heads, hd) with rows `q_stride` apart; keys, values (kv_heads, max_seq,
+// hd). One (token, kv head) pair per task, the tokens ordered first, last, second, second to last... so that the
+// threads' contiguous shares of the tasks hold equal work.
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, int64_t length,
+                             double scale) {
+  const int64_t heads = q.size(1), hd = q.size(2), kv_heads = keys.size(0), max_seq = keys.size(1);
+  const int64_t group = heads / kv_heads, q_stride = q.stride(0);
+  at::Tensor out = at::empty({length, heads * hd}, q.options());
+  const bf16* qp = q.data_ptr<bf16>();
+  const bf16* kp = keys.data_ptr<bf16>();
+  const bf16* vp = values.data_ptr<bf16>();
+  bf16* op = out.data_ptr<bf16>();
+  at::parallel_for(0, length * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t k = task / kv_heads, g = task % kv_heads;
+      const int64_t t = k % 2 == 0 ? k / 2 : length - 1 - k / 2;
+      attend_group(qp + t * q_stride + g * group * hd, group, kp + g * max_seq * hd, vp + g * max_seq * hd, t + 1, hd,
+                   static_cast<float>(scale), op + t * heads * hd + g * group * hd, scores);
+    }
+  });
+  return out;
+}
+
 struct Lora {
   const at::Tensor* table;  // (L, lines, fields) or empty
   const std::vector<int64_t>* widths;
@@ -415,6 +440,18 @@ at::Tensor decode_step_(const at::Tensor& h, const std::vector<at::Tensor>& weig
   return logits;
 }
 
+at::Tensor prefill_attention_(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, int64_t length,
+                              double scale) {
+  TORCH_CHECK(q.device().is_cpu() && q.scalar_type() == at::kBFloat16 && q.dim() == 3 && q.stride(2) == 1 &&
+                  q.stride(1) == q.size(2) && q.size(0) >= length,
+              "prefill_attention_: q is (length, heads, head_dim) bf16 with contiguous heads");
+  TORCH_CHECK(is_bf16_contiguous(keys) && is_bf16_contiguous(values) && keys.dim() == 3 && keys.sizes() == values.sizes() &&
+                  keys.size(2) == q.size(2) && q.size(1) % keys.size(0) == 0 && length >= 1 && length <= keys.size(1),
+              "prefill_attention_: keys and values are (kv_heads, max_seq_len, head_dim) bf16, contiguous, holding "
+              "the prompt's first `length` positions");
+  return prefill_attention(q, keys, values, length, scale);
+}
+
 #else
 
 at::Tensor decode_step_(const at::Tensor&, const std::vector<at::Tensor>&, const std::vector<at::Tensor>&,
@@ -423,6 +460,10 @@ at::Tensor decode_step_(const at::Tensor&, const std::vector<at::Tensor>&, const
                         int64_t, double, double, const std::vector<at::Tensor>&,
                         const std::vector<std::vector<int64_t>>&, bool) {
   TORCH_CHECK(false, "decode_step_: built without AVX-512 BF16");
+}
+
+at::Tensor prefill_attention_(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double) {
+  TORCH_CHECK(false, "prefill_attention_: built without AVX-512 BF16");
 }
 
 #endif

@@ -113,4 +113,8 @@ at::Tensor decode_step_(const at::Tensor& h, const std::vector<at::Tensor>& weig
                         int64_t heads, double eps, double scale, const std::vector<at::Tensor>& lora_tables,
                         const std::vector<std::vector<int64_t>>& lora_widths, bool bf16_factors);
 
+// Causal attention of one new prompt (bf16) over its own keys and values in its cache slot (decode_step.cpp).
+at::Tensor prefill_attention_(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, int64_t length,
+                              double scale);
+
 }  // namespace lorakit

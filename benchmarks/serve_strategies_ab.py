@@ -6,6 +6,7 @@ machine's speed (+-20% between processes here) hits every configuration alike.
     PYTHONPATH=src python benchmarks/serve_strategies_ab.py layouts --rounds 8
     PYTHONPATH=src python benchmarks/serve_strategies_ab.py steps --rounds 8
     PYTHONPATH=src python benchmarks/serve_strategies_ab.py mixed-steps --requests 32 --rounds 3
+    PYTHONPATH=src python benchmarks/serve_strategies_ab.py targets --requests 64 --rounds 3
 
 mixed: the seeded `lorakit bench serve` workload (8 rank-8 adapters on all 7 projections, 16 in flight) through
 one engine per configuration on the same model: base (no adapters), fused, fused with bf16 factors, gather;
@@ -16,10 +17,15 @@ layouts: batch-1 decoding on the base and with one unmerged adapter (fused), wei
 steps: batch-1 decoding on the base and with one unmerged adapter (fused), decoding steps as torch ops vs one
 compiled call (EngineConfig.decode_step).
 mixed-steps: the mixed workload, base and fused, decoding steps as torch ops vs one compiled call.
+targets: issue 12's throughput ratios in one process, rounds interleaved, one engine with the defaults and 64
+adapters loaded: the workload on the base, mixed (over 8 adapters), swap (one adapter's requests at a time, as
+`lorakit bench serve`'s swap row), mixed:1 and mixed:64 (every request on one adapter; spread over 64), and
+llama.cpp's single-stream decoding (the default model's Q4_1 file, as its bench row).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import statistics
 import tempfile
@@ -28,8 +34,8 @@ import time
 import torch
 
 from lorakit.serve import Engine, EngineConfig, Request, SamplingParams
-from lorakit.tools.serve_workload import (BenchServeConfig, make_workload, serve_closed_loop, summarize_handles,
-                                          write_adapters)
+from lorakit.tools.serve_workload import (BenchServeConfig, make_workload, serve_closed_loop,
+                                          serve_one_adapter_at_a_time, summarize_handles, write_adapters)
 from lorakit.training.models import compute_dtype, load_model
 
 
@@ -80,6 +86,56 @@ def mixed(model, tokenizer, requests: int, rounds: int, by_step: bool = False) -
     report(results, statistics.median(results[configs[0]]))
 
 
+def targets(model, tokenizer, requests: int, rounds: int) -> None:
+    import llama_cpp
+
+    from lorakit.training.models import default_gguf_path
+
+    cfg = BenchServeConfig(requests=requests)
+    paths = write_adapters(model, pathlib.Path(tempfile.mkdtemp()), cfg, 64)
+    workload = make_workload(cfg, tokenizer, cfg.adapters)
+    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=cfg.concurrency, max_loaded_adapters=64,
+                                                   max_seq_len=cfg.max_prompt_tokens + cfg.new_tokens))
+    for k, path in enumerate(paths):
+        engine.load_adapter(f"adapter{k}", path)
+    llm = llama_cpp.Llama(model_path=str(default_gguf_path()), n_ctx=256, n_threads=os.cpu_count(), verbose=False)
+    text = tokenizer.decode(workload.prompts[0][:cfg.min_prompt_tokens])
+    spread = torch.randint(0, 64, (len(workload.prompts),), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    adapters = {"base": [None] * len(spread), "mixed": workload.adapter_of, "swap": workload.adapter_of,
+                "mixed:1": [0] * len(spread), "mixed:64": spread}
+
+    def requests_for(kind: str, tokens: int) -> list[Request]:
+        params = SamplingParams(max_tokens=tokens, ignore_eos=True)
+        return [Request(p, adapter=None if a is None else f"adapter{a}", params=params)
+                for p, a in zip(workload.prompts, adapters[kind])]
+
+    def llama_cpp_tokens_per_s(n: int = 128) -> float:
+        times = [time.perf_counter() for _ in llm.create_completion(text, max_tokens=n, temperature=0.0, stream=True,
+                                                                    logit_bias={llm.token_eos(): -1e9})]
+        return (len(times) - 1) / (times[-1] - times[0])
+
+    def served(kind: str) -> float:
+        start = time.perf_counter()
+        if kind == "swap":
+            handles, waited = serve_one_adapter_at_a_time(engine, requests_for(kind, cfg.new_tokens), cfg.concurrency)
+        else:
+            handles, waited = serve_closed_loop(engine, requests_for(kind, cfg.new_tokens), cfg.concurrency), None
+        return summarize_handles(handles, time.perf_counter() - start, waited)["tokens_per_s"]
+
+    serve_closed_loop(engine, requests_for("mixed:64", 4)[:cfg.concurrency], cfg.concurrency)  # warm-up
+    llama_cpp_tokens_per_s(16)
+    results: dict[str, list[float]] = {kind: [] for kind in ("base", "mixed", "swap", "mixed:1", "mixed:64", "llama.cpp")}
+    for _ in range(rounds):
+        for kind in results:
+            results[kind].append(llama_cpp_tokens_per_s() if kind == "llama.cpp" else served(kind))
+    report(results, statistics.median(results["base"]))
+    median = {kind: statistics.median(values) for kind, values in results.items()}
+    print(f"mixed / swap {median['mixed'] / median['swap']:.2f}x, mixed / llama.cpp "
+          f"{median['mixed'] / median['llama.cpp']:.2f}x, mixed:64 / mixed:1 {median['mixed:64'] / median['mixed:1']:.2f}x "
+          f"(engine: steps {engine.decode_step}, weights {engine.runner.weight_layout}, LoRA {engine.lora_strategy}, "
+          f"factors {str(engine.lora_dtype).replace('torch.', '')})")
+
+
 def decode(model, tokenizer, rounds: int, by: str = "strategy") -> None:
     cfg = BenchServeConfig()
     paths = write_adapters(model, pathlib.Path(tempfile.mkdtemp()), cfg, 1)
@@ -110,13 +166,15 @@ def decode(model, tokenizer, rounds: int, by: str = "strategy") -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["mixed", "decode", "layouts", "steps", "mixed-steps"])
+    parser.add_argument("mode", choices=["mixed", "decode", "layouts", "steps", "mixed-steps", "targets"])
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     loaded = load_model("default", device=torch.device("cpu"), fast_cpu_attention=False)
     model = loaded.model.to(compute_dtype("auto", torch.device("cpu")))  # bf16 where the CPU has it, as bench serve
-    if args.mode in ("mixed", "mixed-steps"):
+    if args.mode == "targets":
+        targets(model, loaded.tokenizer, args.requests, args.rounds)
+    elif args.mode in ("mixed", "mixed-steps"):
         mixed(model, loaded.tokenizer, args.requests, args.rounds, by_step=args.mode == "mixed-steps")
     else:
         decode(model, loaded.tokenizer, args.rounds, by={"decode": "strategy", "layouts": "layout", "steps": "step"}[args.mode])

@@ -86,9 +86,9 @@ class CompiledStep:
         runner = self.runner
         tables, widths, bf16 = batch.lora.decode.step_operands(self.groups) if batch.lora is not None else self.no_lora
         h = runner.embed(batch.tokens)
-        logits = self.kernel(h, self.weights, self.packed, self.biases, self.norms, self.head, runner.cache.k, runner.cache.v,
-                             batch.positions, self.cos, self.signed_sin, runner.n_heads, self.eps, runner.scaling,
-                             tables, widths, bf16)
+        logits = self.kernel(h, self.weights, self.packed, self.biases, self.norms, self.head, runner.cache.k,
+                             runner.cache.v, batch.positions, self.cos, self.signed_sin, runner.n_heads, self.eps,
+                             runner.scaling, tables, widths, bf16)
         if batch.logit_rows.shape[0] != batch.n_decode:
             logits = logits[batch.logit_rows]
         return logits if runner.head_bias is None else logits.add_(runner.head_bias)

@@ -50,7 +50,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     Returns:
         One token id per row.
     """
-    tokens = logits.argmax(dim=-1).tolist()  # greedy rows; the others are overwritten below
+    # greedy rows (the others are overwritten below); in fp32: the CPU's bf16 argmax takes 3x the time of the cast
+    # and an fp32 argmax (1.4 ms for 16 rows of SmolLM2's vocabulary), and the cast is exact, so ties resolve alike
+    tokens = logits.float().argmax(dim=-1).tolist()
     for row, (p, generator) in enumerate(zip(params, generators)):
         if p.greedy:
             continue

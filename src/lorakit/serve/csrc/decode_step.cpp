@@ -1,7 +1,8 @@
 // decode_step_: a whole decoding step of a Llama-family model (bf16) in one call: for every layer RMSNorm, the
 // fused q/k/v product, rotary, the KV cache write, attention over the cache, the o product, the residual add,
 // RMSNorm, the fused gate/up product, SiLU-gate, the down product, the residual add, each product followed by
-// the rows' LoRA update (lora_update, the fused strategy's tables); then the final norm and the output head.
+// the rows' LoRA update (lora_add, the fused strategy's tables); then the final norm and the output head.
+// prefill_attention_ (at the end) runs the same attention for a new prompt's tokens over its own cache slot.
 //
 // Why: with the products at about 0.8x the memory bandwidth (bf16_gemv), a batch-1 step of the default model
 // still spent about a third of its time in the ~25 small torch ops per layer between them (norms, rotary,
@@ -26,9 +27,8 @@
 //   lora_tables 4 (the groups qkv, o, gate_up, down): (L, lines, 3 + 3 * blocks) int64 of lora_update, or empty
 //   lora_widths each group's block widths; bf16_factors: the factors are bf16 (else fp32)
 // Returns the logits (n, vocab).
-#include <ATen/ops/empty.h>
-
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
 
 #include <cmath>
 

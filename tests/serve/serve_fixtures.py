@@ -22,6 +22,19 @@ ADAPTERS = {
 }
 
 
+def tiny(kind: str, **overrides):
+    """A random 2-layer Llama, Qwen2 or Mistral from its config (seed 0): 4 query heads on 2 kv heads, 32 wide
+    unless `overrides` say otherwise."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[kind]
+    torch.manual_seed(0)
+    config = config_class(**{"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+                             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+                             **overrides})
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
 def base_model(model_dir, dtype=torch.float32):
     from transformers import LlamaForCausalLM
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from serve_fixtures import ADAPTERS, adapter_dirs, base_model  # noqa: F401 (fixture)
+from serve_fixtures import ADAPTERS, adapter_dirs, base_model, tiny  # noqa: F401 (fixture)
 
 from lorakit import LorakitError
 from lorakit.serve import Engine, EngineConfig, Request, SamplingParams
@@ -20,15 +20,11 @@ needs_step = pytest.mark.skipif(step_kernel() is None, reason="this CPU (or comp
 SEQS = (9, 5, 12)  # the rows' lengths: each row attends over its own span of the cache
 
 
-def tiny(kind: str, head_dim: int, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
-
-    torch.manual_seed(0)
-    config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[kind](
-        vocab_size=64, hidden_size=4 * head_dim, intermediate_size=6 * head_dim, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.1)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    return model.to(torch.bfloat16).to(dtype)  # the fp32 reference holds the same bf16-rounded weights
+def tiny_bf16(kind: str, head_dim: int, dtype: torch.dtype):
+    """serve_fixtures.tiny with heads of `head_dim`, in bf16 (or `dtype`: an fp32 reference holds the same
+    bf16-rounded weights)."""
+    model = tiny(kind, hidden_size=4 * head_dim, intermediate_size=6 * head_dim, initializer_range=0.1)
+    return model.to(torch.bfloat16).to(dtype)
 
 
 def batch(tokens, positions, n_decode, prefills, logit_rows, lora=None) -> StepBatch:
@@ -70,9 +66,9 @@ def both_paths(runner: LlamaRunner, step: StepBatch, forward=None):
 @torch.no_grad()
 def test_the_compiled_step_is_as_close_to_fp32_as_the_torch_path(kind, head_dim, rows, layout):
     seqs = [torch.randint(0, 64, (n,), generator=torch.Generator().manual_seed(n)) for n in SEQS]
-    runner = LlamaRunner(tiny(kind, head_dim, torch.bfloat16), max_rows=3, max_seq_len=16, layout=layout,
+    runner = LlamaRunner(tiny_bf16(kind, head_dim, torch.bfloat16), max_rows=3, max_seq_len=16, layout=layout,
                          decode_step="compiled")
-    reference = LlamaRunner(tiny(kind, head_dim, torch.float32), max_rows=3, max_seq_len=16, layout="rows")
+    reference = LlamaRunner(tiny_bf16(kind, head_dim, torch.float32), max_rows=3, max_seq_len=16, layout="rows")
     prefill_all(runner, seqs, rows)
     prefill_all(reference, seqs, rows)
     for back in (2, 1):
@@ -118,17 +114,17 @@ def test_every_step_of_a_mixed_batch_of_adapters_matches_the_torch_path(tiny_mod
 
 def test_the_compiled_step_is_refused_where_it_cannot_run():
     with pytest.raises(LorakitError, match="runs bf16 models on the CPU"):
-        LlamaRunner(tiny("llama", 8, torch.float32), max_rows=1, max_seq_len=8, decode_step="compiled")
+        LlamaRunner(tiny_bf16("llama", 8, torch.float32), max_rows=1, max_seq_len=8, decode_step="compiled")
     with pytest.raises(LorakitError, match="decode_step='fast' is invalid"):
         EngineConfig(decode_step="fast")
-    assert LlamaRunner(tiny("llama", 8, torch.bfloat16), max_rows=1, max_seq_len=8, decode_step="torch").compiled_step is None
-    assert LlamaRunner(tiny("llama", 8, torch.float32), max_rows=1, max_seq_len=8).compiled_step is None  # auto: torch
+    assert LlamaRunner(tiny_bf16("llama", 8, torch.bfloat16), max_rows=1, max_seq_len=8, decode_step="torch").compiled_step is None
+    assert LlamaRunner(tiny_bf16("llama", 8, torch.float32), max_rows=1, max_seq_len=8).compiled_step is None  # auto: torch
 
 
 @needs_step
 def test_the_compiled_step_reads_the_weights_rows():
     with pytest.raises(LorakitError, match="weight_layout 'transposed' holds none"):
-        LlamaRunner(tiny("llama", 8, torch.bfloat16), max_rows=1, max_seq_len=8, layout="transposed",
+        LlamaRunner(tiny_bf16("llama", 8, torch.bfloat16), max_rows=1, max_seq_len=8, layout="transposed",
                     decode_step="compiled")
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from serve_fixtures import tiny
+
 from lorakit import LorakitError
 from lorakit.serve.llama import LlamaRunner
 from lorakit.serve.step_batch import StepBatch
@@ -12,16 +14,6 @@ from lorakit.serve.weights import usable_layouts
 
 # every layout the engine may choose in fp32 on this machine; packed where this torch has oneDNN (gemv is bf16's)
 USABLE = usable_layouts(torch.float32, torch.device("cpu"))
-
-
-def tiny(kind: str, **extra):
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
-
-    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[kind]
-    torch.manual_seed(0)
-    config = config_class(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **extra)
-    return AutoModelForCausalLM.from_config(config).eval()
 
 
 def as_batch(tokens, positions, n_decode, prefills, logit_rows):

@@ -1,6 +1,8 @@
 """The LoRA branch of the decoding rows as one compiled call per projection group, on the CPU
 (csrc/decode_kernels.cpp: Punica's BGMV, each row reading its own adapter's factors where they lie); the same
-build holds a bf16 matrix-vector product for batch-1 decoding (`gemv_kernel`, used by lorakit.serve.weights).
+build holds a bf16 matrix-vector product for batch-1 decoding (`gemv_kernel`, used by lorakit.serve.weights), a
+whole bf16 decoding step (`step_kernel`, lorakit.serve.decode_step) and new prompts' attention
+(`prefill_attention_kernel`).
 
 Decoding runs the branch on a few rows, where its arithmetic is tiny and its cost is the number of kernel
 calls (as torch ops a group takes 4-7: cast, A product, a B product per projection, add) and, for batched
@@ -54,23 +56,26 @@ def build_kernel() -> tuple[Kernel | None, str]:
 def gemv_kernel() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None:
     """The compiled `bf16_gemv_(x, W, out)` (out = x W^T, bf16, x of at most 16 rows), or None where the build
     failed or the CPU has no AVX-512 BF16."""
-    module, _ = _build()
-    return module.bf16_gemv_ if module is not None and module.has_bf16_gemv() else None
+    return _bf16_function("bf16_gemv_")
 
 
 def prefill_attention_kernel() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, float], torch.Tensor] | None:
     """The compiled `prefill_attention_(q, keys, values, length, scale)`: causal attention of one bf16 prompt
     (q (length, heads, head_dim)) over its keys and values in its cache slot ((kv_heads, max_seq_len, head_dim));
     returns (length, heads * head_dim). None where the build failed or the CPU has no AVX-512 BF16."""
-    module, _ = _build()
-    return module.prefill_attention_ if module is not None and module.has_bf16_gemv() else None
+    return _bf16_function("prefill_attention_")
 
 
 def step_kernel() -> Callable[..., torch.Tensor] | None:
     """The compiled `decode_step_` (a whole bf16 decoding step of a Llama-family model; csrc/decode_step.cpp), or
     None where the build failed or the CPU has no AVX-512 BF16 (it runs its products with bf16_gemv_)."""
+    return _bf16_function("decode_step_")
+
+
+def _bf16_function(name: str) -> Callable | None:
+    """The compiled module's AVX-512 BF16 function `name`, or None where the build failed or the CPU lacks it."""
     module, _ = _build()
-    return module.decode_step_ if module is not None and module.has_bf16_gemv() else None
+    return getattr(module, name) if module is not None and module.has_bf16_gemv() else None
 
 
 @functools.cache

@@ -30,7 +30,7 @@ from lorakit.serve.decode_step import STEP_CHOICES
 from lorakit.serve.detokenize import IncrementalText
 from lorakit.serve.kv_cache import layout_moves
 from lorakit.serve.llama import GROUPS, LlamaRunner
-from lorakit.serve.lora_kernel import pick as pick_lora_kernel
+from lorakit.serve.lora_kernel import pick as pick_lora_kernel, segments_kernel
 from lorakit.serve.multi_lora import DecodePlan, FusedPlan, GatherPlan, LoraBatch, OneAdapterPlan, RowFactors, SegmentPlan
 from lorakit.serve.prompts import prompt_ids
 from lorakit.serve.requests import (
@@ -58,7 +58,8 @@ class EngineConfig:
         max_prefill_tokens: prompt tokens admitted per step (one longer prompt is still admitted alone).
         max_queued: requests waiting beyond the batch; `submit` refuses more (None: no limit).
         lora_strategy: the per-row LoRA branch of decoding rows: "fused" (one compiled call per group, each
-            row reading its adapter's factors; on the CPU, built once per machine), "gather" (per-row copies
+            row reading its adapter's factors, and new prompts' tokens likewise; on the CPU, built once per
+            machine), "gather" (per-row copies
             of the factors, batched matmuls), "segment" (rows grouped by adapter, GEMMs per group) or "auto"
             (fused where it applies and builds, else gather); see lorakit.serve.multi_lora.
         prefill: "with_decode" (new prompts ride in the running rows' decoding step) or "separate" (a
@@ -144,6 +145,7 @@ class Engine:
         self.lora_kernel = pick_lora_kernel(config.lora_strategy, self.device, self.runner.dtype, self.lora_dtype)
         # the strategy that runs ("auto" resolved)
         self.lora_strategy = "fused" if self.lora_kernel is not None else config.lora_strategy.replace("auto", "gather")
+        self.segment_kernel = segments_kernel() if self.lora_kernel is not None else None  # new prompts' branch
         self.stop_ids = set(stop_token_ids(tokenizer))
         self.store = AdapterStore(self._read, config.max_loaded_adapters)
         dims = {g: (len(self.runner.layout), layout.in_features, layout.out_sizes)
@@ -412,7 +414,7 @@ class Engine:
             if row.adapter is not None:
                 segments.append((start, start + n, row.adapter))
         plan = self._decode_plan(decoding, [r.slot for r in self.rows]) if decoding else None
-        lora = LoraBatch(plan, segments) if plan is not None or segments else None
+        lora = LoraBatch(plan, segments, self.segment_kernel) if plan is not None or segments else None
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)
         batch = StepBatch(as_tensor(tokens), as_tensor(positions), len(decoding), prefills, as_tensor(logit_rows), lora)
         logits = self.runner.forward(batch)

@@ -1,8 +1,8 @@
 """The LoRA branch of the decoding rows as one compiled call per projection group, on the CPU
 (csrc/decode_kernels.cpp: Punica's BGMV, each row reading its own adapter's factors where they lie); the same
 build holds a bf16 matrix-vector product for batch-1 decoding (`gemv_kernel`, used by lorakit.serve.weights), a
-whole bf16 decoding step (`step_kernel`, lorakit.serve.decode_step) and new prompts' attention
-(`prefill_attention_kernel`).
+whole bf16 decoding step (`step_kernel`, lorakit.serve.decode_step), new prompts' attention
+(`prefill_attention_kernel`) and new prompts' LoRA branch (`segments_kernel`, csrc/lora_segments.cpp).
 
 Decoding runs the branch on a few rows, where its arithmetic is tiny and its cost is the number of kernel
 calls (as torch ops a group takes 4-7: cast, A product, a B product per projection, add) and, for batched
@@ -34,7 +34,8 @@ from lorakit.serve.adapters import GroupFactors
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "decode_kernels.cpp", CSRC / "decode_step.cpp")  # built together, with CSRC / "kernels.h"
+SOURCES = (CSRC / "decode_kernels.cpp", CSRC / "decode_step.cpp", CSRC / "lora_segments.cpp")  # built together
+HEADERS = (CSRC / "kernels.h", CSRC / "simd.h")
 # x dtype -> factor dtypes the compiled function takes with it
 SUPPORTED = {torch.float32: (torch.float32,), torch.bfloat16: (torch.float32, torch.bfloat16)}
 
@@ -51,6 +52,19 @@ def build_kernel() -> tuple[Kernel | None, str]:
     """(the compiled `lora_rows_`, "") or (None, why it could not be built); built once a process."""
     module, reason = _build()
     return (None if module is None else module.lora_rows_), reason
+
+
+# lora_segments_(x (T, d_in), out (T, d_out), table (segments, 3 + 3 * blocks) int64, lengths (segments) int64,
+#                widths, bf16 factors) -> None
+SegmentKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[int], bool], None]
+
+
+def segments_kernel() -> SegmentKernel | None:
+    """The compiled `lora_segments_` (new prompts' LoRA update, one call per group: csrc/lora_segments.cpp), or None
+    where the build failed. Its AVX-512 BF16 path runs bf16 models with bf16 factors; elsewhere it runs each token
+    as lora_rows_ does."""
+    module, _ = _build()
+    return None if module is None else module.lora_segments_
 
 
 def gemv_kernel() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None:
@@ -82,7 +96,7 @@ def _bf16_function(name: str) -> Callable | None:
 def _build():  # -> (the compiled module or None, why not)
     from lorakit.core.autotune import cpu_model
 
-    source = b"\0".join(path.read_bytes() for path in (*SOURCES, CSRC / "kernels.h"))
+    source = b"\0".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
     flags = ["-O3", "-march=native", "-fopenmp"]
     # -march=native: the name carries the CPU, so a home directory shared between machines builds per CPU
     tag = hashlib.sha256(b"\0".join([source, cpu_model().encode(), torch.__version__.encode(), " ".join(flags).encode()]))

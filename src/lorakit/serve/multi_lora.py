@@ -20,14 +20,16 @@ When every decoding row is on the same adapter (batch-1 decoding above all), gat
 `OneAdapterPlan`: two plain GEMMs per group, no per-row copies, no regrouping.
 
 Rows on the base model sit after the adapter rows (the engine keeps that order) and skip the branch.
-Newly admitted prompts (prefill) are one contiguous segment each and always run segment-wise.
+Newly admitted prompts (prefill) are one contiguous segment each: with the compiled kernels (fused) every prompt of
+a forward is one call of `lora_segments_` per layer and group, 16 tokens at a time (S-LoRA's SGMV on the CPU);
+else two GEMMs per prompt (`segment_update`).
 """
 from __future__ import annotations
 
 import torch
 
 from lorakit.serve.adapters import AdapterWeights, GroupFactors
-from lorakit.serve.lora_kernel import Kernel, kernel_table
+from lorakit.serve.lora_kernel import Kernel, SegmentKernel, kernel_table
 
 
 class RowFactors:
@@ -283,13 +285,18 @@ class LoraBatch:
     prompt's tokens as one segment.
 
     Args:
-        decode: a GatherPlan or SegmentPlan for the decoding rows on adapters (None: none).
+        decode: a DecodePlan for the decoding rows on adapters (None: none).
         prefill: [(start, end, adapter)] token ranges of new prompts served by an adapter.
+        kernel: the compiled `lora_segments_` (lorakit.serve.lora_kernel) for the prompts: one call per layer and
+            group for all of them; None: two GEMMs per prompt, layer and group (`segment_update`).
     """
 
-    def __init__(self, decode: DecodePlan | None, prefill: list[tuple[int, int, AdapterWeights]]) -> None:
+    def __init__(self, decode: DecodePlan | None, prefill: list[tuple[int, int, AdapterWeights]],
+                 kernel: SegmentKernel | None = None) -> None:
         self.decode = decode
         self.prefill = [(s, e, w) for s, e, w in prefill]
+        self.kernel = kernel if self.prefill else None
+        self._prefill_calls: dict[str, tuple | None] = {}  # group -> the kernel's operands, made on first use
         if decode is not None and not self.prefill:
             self.apply = self._decode_only  # per call: no prefill loop, no slicing when every row decodes
 
@@ -305,7 +312,27 @@ class LoraBatch:
         if self.decode is not None:
             n = self.decode.n
             self.decode.apply(layer, group, x[:n], out[:n])
+        if self.kernel is not None:
+            if group not in self._prefill_calls:
+                self._prefill_calls[group] = self._segment_operands(group)
+            call = self._prefill_calls[group]
+            if call is not None:
+                tables, lengths, widths, bf16 = call
+                self.kernel(x, out, tables[layer], lengths, widths, bf16)
+            return
         for start, end, weights in self.prefill:
             factors = weights.groups.get(group)
             if factors is not None:
                 segment_update(factors, layer, x[start:end], out[start:end])
+
+    def _segment_operands(self, group: str) -> tuple[list[torch.Tensor], torch.Tensor, list[int], bool] | None:
+        """The segment kernel's operands for `group`: per layer a (prompts, fields) table of the prompts whose
+        adapter touches it (their first token where the row is), their lengths, the widths, bf16 factors."""
+        touching = [(start, end, w.groups[group]) for start, end, w in self.prefill if group in w.groups]
+        if not touching:
+            return None
+        table = torch.stack([kernel_table(f) for _, _, f in touching], dim=1)  # (layers, prompts, fields), a copy
+        table[:, :, 0] = torch.tensor([start for start, _, _ in touching])
+        lengths = torch.tensor([end - start for start, end, _ in touching], dtype=torch.long)
+        factors = touching[0][2]
+        return list(table.unbind(0)), lengths, list(factors.widths), factors.A.dtype == torch.bfloat16

@@ -1,5 +1,6 @@
 // The serving engine's compiled CPU kernels: lora_rows_ (below) and bf16_gemv_ (at the end); the module also
-// binds decode_step_ (decode_step.cpp). Shared cores: kernels.h.
+// binds decode_step_ and prefill_attention_ (decode_step.cpp) and lora_segments_ (lora_segments.cpp). Shared
+// cores: kernels.h; AVX-512 helpers: simd.h.
 //
 // lora_rows_: the LoRA branch of one projection group for the decoding rows, in one call: each row reads its own
 // adapter's factors where they lie (Punica's BGMV, on the CPU), out[i] += (x[i] A_i^T) Bt_i, then *= g_i (DoRA).
@@ -138,6 +139,8 @@ void bf16_gemv_(const at::Tensor& x, const at::Tensor& W, const at::Tensor& out)
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace lorakit;
   m.def("lora_rows_", &lora_rows_, "out[row] += (x[row] A^T) Bt (then *= g) for each line of the table, in one call");
+  m.def("lora_segments_", &lora_segments_, "out[t] += (x[t] A^T) Bt (then *= g) for every token t of each segment",
+        py::call_guard<py::gil_scoped_release>());
   m.def("has_bf16_gemv", &has_bf16_gemv, "whether bf16_gemv_ was built (the compiler targets AVX-512 BF16)");
   m.def("bf16_gemv_", &bf16_gemv_, "out = x W^T for bf16 x (n <= 16, d_in) and W (d_out, d_in)");
   m.def("decode_step_", &decode_step_, "a whole bf16 decoding step of a Llama-family model; returns the logits",

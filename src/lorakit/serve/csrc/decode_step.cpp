@@ -1,7 +1,8 @@
 // decode_step_: a whole decoding step of a Llama-family model (bf16) in one call: for every layer RMSNorm, the
 // fused q/k/v product, rotary, the KV cache write, attention over the cache, the o product, the residual add,
 // RMSNorm, the fused gate/up product, SiLU-gate, the down product, the residual add, each product followed by
-// the rows' LoRA update (lora_add, the fused strategy's tables); then the final norm and the output head.
+// the rows' LoRA update (from the fused strategy's tables); then the final norm and the output head. The rows'
+// elementwise work (norms, rotary, SiLU-gate) is split between the threads from 4 rows on.
 // prefill_attention_ (at the end) runs the same attention for a new prompt's tokens over its own cache slot.
 //
 // Why: with the products at about 0.8x the memory bandwidth (bf16_gemv), a batch-1 step of the default model
@@ -31,8 +32,10 @@
 #include <ATen/ops/empty.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "kernels.h"
+#include "simd.h"
 
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -45,21 +48,56 @@ namespace lorakit {
 namespace {
 
 using bf16 = c10::BFloat16;
+using simd::exp16, simd::hsum16, simd::load16, simd::round_bf16;
 
 inline float f32(bf16 v) { return static_cast<float>(v); }
 
-// y = round(round(x / rms(x)) * w), the rms in fp32
-void rms_norm(const bf16* x, const bf16* w, bf16* y, int64_t d, float eps) {
-  float squares = 0.f;
-#pragma omp simd reduction(+ : squares)
-  for (int64_t k = 0; k < d; ++k) squares += f32(x[k]) * f32(x[k]);
-  const float inv = 1.f / std::sqrt(squares / static_cast<float>(d) + eps);
-  for (int64_t k = 0; k < d; ++k) y[k] = bf16(f32(bf16(f32(x[k]) * inv)) * f32(w[k]));
+// 16 fp32 values stored as bf16 (rounded to nearest even, as c10::BFloat16)
+inline void store16(bf16* out, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), (__m256i)_mm512_cvtneps_pbh(v));
 }
 
-// x (heads, head_dim) in place: x cos + roll(x, head_dim / 2) signed_sin
+// h = round(h + part) where part is given (the residual add), then y = round(round(h / rms(h)) * w), the rms in fp32
+void add_norm(bf16* h, const bf16* part, const bf16* w, bf16* y, int64_t d, float eps) {
+  if (d % 16 != 0) {
+    if (part != nullptr)
+      for (int64_t k = 0; k < d; ++k) h[k] = bf16(f32(h[k]) + f32(part[k]));
+    float squares = 0.f;
+    for (int64_t k = 0; k < d; ++k) squares += f32(h[k]) * f32(h[k]);
+    const float inv = 1.f / std::sqrt(squares / static_cast<float>(d) + eps);
+    for (int64_t k = 0; k < d; ++k) y[k] = bf16(f32(bf16(f32(h[k]) * inv)) * f32(w[k]));
+    return;
+  }
+  __m512 squares = _mm512_setzero_ps();
+  for (int64_t k = 0; k < d; k += 16) {
+    __m512 v = load16(h + k);
+    if (part != nullptr) {
+      v = round_bf16(_mm512_add_ps(v, load16(part + k)));
+      store16(h + k, v);
+    }
+    squares = _mm512_fmadd_ps(v, v, squares);
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(squares) / static_cast<float>(d) + eps));
+  for (int64_t k = 0; k < d; k += 16)
+    store16(y + k, _mm512_mul_ps(round_bf16(_mm512_mul_ps(load16(h + k), inv)), load16(w + k)));
+}
+
+// x (heads, head_dim) in place: round(round(x cos) + roll(x, head_dim / 2) signed_sin)
 void rotate(bf16* x, int64_t heads, int64_t head_dim, const bf16* cos, const bf16* signed_sin) {
   const int64_t half = head_dim / 2;
+  if (head_dim % 32 == 0 && head_dim <= 512) {  // halves of whole 16-value chunks
+    __m512 v[32];
+    const int64_t chunks = head_dim / 16, shift = half / 16;
+    for (int64_t head = 0; head < heads; ++head) {
+      bf16* row = x + head * head_dim;
+      for (int64_t c = 0; c < chunks; ++c) v[c] = load16(row + 16 * c);
+      for (int64_t c = 0; c < chunks; ++c) {
+        const __m512 cos_part = round_bf16(_mm512_mul_ps(v[c], load16(cos + 16 * c)));
+        store16(row + 16 * c, _mm512_fmadd_ps(v[(c + shift) % chunks], load16(signed_sin + 16 * c), cos_part));
+      }
+    }
+    return;
+  }
   float rolled[512];
   for (int64_t head = 0; head < heads; ++head) {
     bf16* v = x + head * head_dim;
@@ -69,33 +107,23 @@ void rotate(bf16* x, int64_t heads, int64_t head_dim, const bf16* cos, const bf1
   }
 }
 
+// f(i) for each of the step's n rows: split between the threads from 4 rows on (below that the hand-off costs more
+// than the rows' work)
+template <typename F>
+void each_row(int64_t n, const F& f) {
+  auto rows = [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) f(i);
+  };
+  if (n >= 4) {
+    at::parallel_for(0, n, 1, rows);
+  } else {
+    rows(0, n);
+  }
+}
+
 struct Shape {
   int64_t n, d, heads, kv_heads, head_dim, slots, max_seq;
 };
-
-// e^x for 16 floats: 2^(x log2 e) as 2^n (scalef) times a degree-6 polynomial of the fraction (relative error
-// about 1e-7 in fp32); below -87 it is taken as -87, above about 88 it is inf
-inline __m512 exp16(__m512 x) {
-  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-  for (float c : {1.339887440266574e-3f, 9.618437357674640e-3f, 5.550332471162809e-2f, 2.402264791363012e-1f,
-                  6.931472028550421e-1f, 1.f})
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
-}
-
-// 16 bf16 values as fp32
-inline __m512 load16(const bf16* v) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
-// 16 fp32 values rounded to bf16 (to nearest even, as c10::BFloat16) and back
-inline __m512 round_bf16(__m512 v) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
-}
 
 // out[j] = round(round(silu(gate[j])) * up[j]) for j < width, up = gate + width (the fused gate/up product's row)
 void silu_gate(const bf16* gate, int64_t width, bf16* out) {
@@ -113,37 +141,40 @@ void silu_gate(const bf16* gate, int64_t width, bf16* out) {
   }
 }
 
-// r[t] = the sum of a[t]'s 16 lanes, for t < 16: a transposing tree of adds (4 levels, 15 vector adds) instead of
-// 16 horizontal sums
-inline __m512 hsum16(const __m512* a) {
-  __m512 b[8], c[4];
-  for (int k = 0; k < 8; ++k)  // per 128-bit lane: [a2k: 0+2, a2k+1: 0+2, a2k: 1+3, a2k+1: 1+3]
-    b[k] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * k], a[2 * k + 1]), _mm512_unpackhi_ps(a[2 * k], a[2 * k + 1]));
-  for (int k = 0; k < 4; ++k) {  // per 128-bit lane: the lane's sums of a4k .. a4k+3
-    const __m512d x = _mm512_castps_pd(b[2 * k]), y = _mm512_castps_pd(b[2 * k + 1]);
-    c[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+// acc[h][c] += p[h][t] V[t][16c .. 16c + 15] over every position t, each value row read once (C = hd / 16 chunks,
+// G x C sums in registers); out[h] = round(acc[h] / total[h])
+template <int G, int C>
+void weighted_values(const float* scores, int64_t padded, const bf16* V, int64_t length, const float* total, bf16* out) {
+  __m512 acc[G][C];
+  for (auto& head : acc)
+    for (auto& v : head) v = _mm512_setzero_ps();
+  for (int64_t t = 0; t < length; ++t) {
+    for (int c = 0; c < C; ++c) {
+      const __m512 v = load16(V + t * 16 * C + 16 * c);
+      for (int h = 0; h < G; ++h) acc[h][c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[h * padded + t]), v, acc[h][c]);
+    }
   }
-  // across the four 128-bit lanes: lane k of the result gathers c[k]'s four lanes
-  const __m512 e0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x44), _mm512_shuffle_f32x4(c[0], c[1], 0xEE));
-  const __m512 e1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x44), _mm512_shuffle_f32x4(c[2], c[3], 0xEE));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(e0, e1, 0x88), _mm512_shuffle_f32x4(e0, e1, 0xDD));
+  for (int h = 0; h < G; ++h)
+    for (int c = 0; c < C; ++c) {
+      const __m512 o = _mm512_div_ps(acc[h][c], _mm512_set1_ps(total[h]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + h * 16 * C + 16 * c), (__m256i)_mm512_cvtneps_pbh(o));
+    }
 }
 
 // G query heads q (G x hd, one after another) attend over positions 0..length-1 of K and V (length x hd rows);
 // out (G x hd). Scores in fp32 (bf16 dot products, 16 positions at a time, where hd is a multiple of 32), softmax
-// with a vectorized exp, the values' weighted sum in fp32 (all G heads per value row read, where hd is a multiple
-// of 16), each output rounded once. scores: scratch.
+// with a vectorized exp, the values' weighted sum in fp32 (each value row read once for all G heads), each output
+// rounded once. scores: scratch.
 template <int G>
 void attend_heads(const bf16* q, const bf16* K, const bf16* V, int64_t length, int64_t hd, float scale, bf16* out,
                   std::vector<float>& scores) {
   const int64_t padded = (length + 15) / 16 * 16;
   scores.resize(G * padded);
   float total[G];
-  for (int h = 0; h < G; ++h) {
-    float* sc = scores.data() + h * padded;
-    const bf16* qh = q + h * hd;
-    if (hd % 32 == 0) {
-      for (int64_t t0 = 0; t0 < padded; t0 += 16) {
+  if (hd % 32 == 0) {  // 16 positions at a time, for every head while their keys are in L1
+    for (int64_t t0 = 0; t0 < padded; t0 += 16) {
+      for (int h = 0; h < G; ++h) {
+        const bf16* qh = q + h * hd;
         __m512 a[16];
         for (int m = 0; m < 16; ++m) {
           a[m] = _mm512_setzero_ps();
@@ -152,15 +183,19 @@ void attend_heads(const bf16* q, const bf16* K, const bf16* V, int64_t length, i
           for (int64_t j = 0; j < hd; j += 32)
             a[m] = _mm512_dpbf16_ps(a[m], (__m512bh)_mm512_loadu_si512(k + j), (__m512bh)_mm512_loadu_si512(qh + j));
         }
-        _mm512_storeu_ps(sc + t0, _mm512_mul_ps(hsum16(a), _mm512_set1_ps(scale)));
-      }
-    } else {
-      for (int64_t t = 0; t < length; ++t) {
-        float dot = 0.f;
-        for (int64_t j = 0; j < hd; ++j) dot += f32(qh[j]) * f32(K[t * hd + j]);
-        sc[t] = dot * scale;
+        _mm512_storeu_ps(scores.data() + h * padded + t0, _mm512_mul_ps(hsum16(a), _mm512_set1_ps(scale)));
       }
     }
+  } else {
+    for (int h = 0; h < G; ++h)
+      for (int64_t t = 0; t < length; ++t) {
+        float dot = 0.f;
+        for (int64_t j = 0; j < hd; ++j) dot += f32(q[h * hd + j]) * f32(K[t * hd + j]);
+        scores[h * padded + t] = dot * scale;
+      }
+  }
+  for (int h = 0; h < G; ++h) {
+    float* sc = scores.data() + h * padded;
     for (int64_t t = length; t < padded; ++t) sc[t] = -INFINITY;  // e^-inf = 0 below
     __m512 top = _mm512_set1_ps(-INFINITY);
     for (int64_t t = 0; t < padded; t += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(sc + t));
@@ -173,7 +208,9 @@ void attend_heads(const bf16* q, const bf16* K, const bf16* V, int64_t length, i
     }
     total[h] = _mm512_reduce_add_ps(sum);
   }
-  if (hd % 16 == 0) {
+  if (hd == 64 && G <= 4) return weighted_values<G, 4>(scores.data(), padded, V, length, total, out);
+  if (hd == 32) return weighted_values<G, 2>(scores.data(), padded, V, length, total, out);
+  if (hd % 16 == 0) {  // wider heads: a chunk of 16 values at a time
     for (int64_t j = 0; j < hd; j += 16) {
       __m512 acc[G];
       for (int h = 0; h < G; ++h) acc[h] = _mm512_setzero_ps();
@@ -269,9 +306,11 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed) {
 
 // out (n, d_out) = x W^T (+ the rows' LoRA update) (+ bias). One row: bf16_gemv on W's rows; more rows: oneDNN on
 // the packed copy where there is one (its blocked kernel computes several rows per weight load; bf16_gemv reloads
-// x for every weight row). The columns are split between the threads, each adding the LoRA update of its own
-// columns; the lines' h = x A^T are computed first, split by line (one line: on each thread, where they cost less
-// than a second hand-off between the threads).
+// x for every weight row). LoRA with bf16 factors on several rows: the rows grouped by adapter (lora_blocks), each
+// group's both parts on one thread (lora_block_bf16: its factors read once), or its columns split between the
+// threads where there are fewer groups than threads. Otherwise the columns are split between the threads, each
+// adding the LoRA update of its own columns; the lines' h = x A^T are computed first, split by line (one line: on
+// each thread, where they cost less than a second hand-off between the threads).
 template <typename FT>
 void project(const at::Tensor& x_t, const at::Tensor& W, const at::Tensor* packed, const at::Tensor& bias,
              const Lora& lora, int64_t layer, bf16* out) {
@@ -288,6 +327,28 @@ void project(const at::Tensor& x_t, const at::Tensor& W, const at::Tensor* packe
   const int64_t* tp = lines ? lora.table->data_ptr<int64_t>() + layer * lines * fields : nullptr;
   const size_t blocks = lora.widths->size();
   if (!gemv && !lines && b == nullptr) return;
+  if constexpr (std::is_same_v<FT, bf16>) {
+    if (lines > 1) {
+      const std::vector<LoraBlock> groups = lora_blocks(tp, lines, fields);
+      if (gemv) bf16_gemv(x, n, w, d_out, d_in, out);
+      // fewer groups than threads (rows on one adapter): each group's columns split between them, h on each
+      const int64_t count = static_cast<int64_t>(groups.size()), threads = at::get_num_threads();
+      const int64_t parts = count ? (threads + count - 1) / count : 1;
+      const int64_t part_width = (d_out + 16 * parts - 1) / (16 * parts) * 16;
+      at::parallel_for(0, count * parts, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> h;
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t c0 = task % parts * part_width, c1 = std::min(c0 + part_width, d_out);
+          lora_block_bf16(x, d_in, out, d_out, d_in, *lora.widths, groups[task / parts], h, c0, c1);
+        }
+      });
+      if (b != nullptr) {
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t j = 0; j < d_out; ++j) out[i * d_out + j] = bf16(f32(out[i * d_out + j]) + f32(b[j]));
+      }
+      return;
+    }
+  }
   int64_t ranks = 0;  // h's width per line: the largest sum of ranks
   for (int64_t line = 0; line < lines; ++line) ranks = std::max(ranks, rank_sum(tp + line * fields, blocks));
   std::vector<float> hs(lines > 1 ? lines * ranks : 0);
@@ -404,16 +465,18 @@ at::Tensor decode_step_(const at::Tensor& h, const std::vector<at::Tensor>& weig
   bf16 *attnp = attn.data_ptr<bf16>(), *partp = part.data_ptr<bf16>(), *gup = gate_up.data_ptr<bf16>();
   bf16* gatedp = gated.data_ptr<bf16>();
   const int64_t layer_cache = s.slots * s.kv_heads * s.max_seq * s.head_dim;
-  auto residual = [&]() {
-    for (int64_t k = 0; k < s.n * s.d; ++k) hp[k] = bf16(f32(hp[k]) + f32(partp[k]));
+  // h = round(h + part) (where add) then x = norm(h) with the given norm weight, for every row
+  auto add_norm_rows = [&](bool add, const at::Tensor& norm) {
+    const bf16* w = norm.data_ptr<bf16>();
+    each_row(s.n, [&](int64_t i) { add_norm(hp + i * s.d, add ? partp + i * s.d : nullptr, w, xp + i * s.d, s.d, eps); });
   };
 
   for (int64_t l = 0; l < layers; ++l) {
-    for (int64_t i = 0; i < s.n; ++i) rms_norm(hp + i * s.d, norms[2 * l].data_ptr<bf16>(), xp + i * s.d, s.d, eps);
+    add_norm_rows(l > 0, norms[2 * l]);  // the previous layer's second residual add, then this layer's first norm
     project(x, weights[4 * l], packed_of(4 * l), biases[4 * l], lora[0], l, qkvp);
     bf16* keys = k_cache.data_ptr<bf16>() + l * layer_cache;
     bf16* values = v_cache.data_ptr<bf16>() + l * layer_cache;
-    for (int64_t i = 0; i < s.n; ++i) {  // q and k rotate, k and v go into the cache at the row's position
+    each_row(s.n, [&](int64_t i) {  // q and k rotate, k and v go into the cache at the row's position
       bf16* row = qkvp + i * (q_size + 2 * kv_size);
       const bf16* c = cos.data_ptr<bf16>() + pos[i] * s.head_dim;
       const bf16* sn = signed_sin.data_ptr<bf16>() + pos[i] * s.head_dim;
@@ -423,17 +486,15 @@ at::Tensor decode_step_(const at::Tensor& h, const std::vector<at::Tensor>& weig
         std::copy_n(row + q_size + g * s.head_dim, s.head_dim, keys + at_pos);
         std::copy_n(row + q_size + kv_size + g * s.head_dim, s.head_dim, values + at_pos);
       }
-    }
+    });
     attend(qkvp, q_size + 2 * kv_size, keys, values, pos, s, static_cast<float>(scale), attnp);
     project(attn, weights[4 * l + 1], packed_of(4 * l + 1), biases[4 * l + 1], lora[1], l, partp);
-    residual();
-    for (int64_t i = 0; i < s.n; ++i) rms_norm(hp + i * s.d, norms[2 * l + 1].data_ptr<bf16>(), xp + i * s.d, s.d, eps);
+    add_norm_rows(true, norms[2 * l + 1]);
     project(x, weights[4 * l + 2], packed_of(4 * l + 2), biases[4 * l + 2], lora[2], l, gup);
-    for (int64_t i = 0; i < s.n; ++i) silu_gate(gup + i * 2 * inter, inter, gatedp + i * inter);
+    each_row(s.n, [&](int64_t i) { silu_gate(gup + i * 2 * inter, inter, gatedp + i * inter); });
     project(gated, weights[4 * l + 3], packed_of(4 * l + 3), biases[4 * l + 3], lora[3], l, partp);
-    residual();
   }
-  for (int64_t i = 0; i < s.n; ++i) rms_norm(hp + i * s.d, norms.back().data_ptr<bf16>(), xp + i * s.d, s.d, eps);
+  add_norm_rows(true, norms.back());  // the last layer's second residual add, then the final norm
   if (s.n > 1 && !packed.empty()) return packed_linear(x, packed.back());
   at::Tensor logits = at::empty({s.n, head.size(0)}, opts);
   bf16_gemv(xp, s.n, head.data_ptr<bf16>(), head.size(0), s.d, logits.data_ptr<bf16>());

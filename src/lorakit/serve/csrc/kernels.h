@@ -113,6 +113,42 @@ at::Tensor decode_step_(const at::Tensor& h, const std::vector<at::Tensor>& weig
                         int64_t heads, double eps, double scale, const std::vector<at::Tensor>& lora_tables,
                         const std::vector<std::vector<int64_t>>& lora_widths, bool bf16_factors);
 
+// Up to kRows rows on the same adapter (one table line's factors): the unit of lora_block_bf16.
+struct LoraBlock {
+  static constexpr int64_t kRows = 16;
+  const int64_t* entry;  // a table line; its row field is not read
+  int64_t count;
+  int64_t rows[kRows];
+};
+
+// The table's lines as blocks: consecutive lines on the same factors (an adapter's rows, which FusedPlan's tables
+// keep together) share a block, up to kRows; lines of an adapter that leaves the group alone are skipped.
+inline std::vector<LoraBlock> lora_blocks(const int64_t* tp, int64_t lines, int64_t fields) {
+  std::vector<LoraBlock> blocks;
+  for (int64_t line = 0; line < lines; ++line) {
+    const int64_t* entry = tp + line * fields;
+    if (entry[1] == 0) continue;
+    LoraBlock* last = blocks.empty() ? nullptr : &blocks.back();
+    if (last == nullptr || last->count == LoraBlock::kRows || !std::equal(entry + 1, entry + fields, last->entry + 1))
+      last = &blocks.emplace_back(LoraBlock{entry, 0, {}});
+    last->rows[last->count++] = entry[0];
+  }
+  return blocks;
+}
+
+#if defined(__AVX512BF16__)
+// The block's rows' LoRA update over the group's columns [c0, c1), bf16 x and factors (lora_segments.cpp): h = x A^T
+// for all its rows at once (each factor row read once), then each 16-column chunk of Bt read once and added into
+// every row; fp32 sums, out rounded once. h: scratch.
+void lora_block_bf16(const c10::BFloat16* xp, int64_t sx, c10::BFloat16* op, int64_t so, int64_t d_in,
+                     const std::vector<int64_t>& widths, const LoraBlock& block, std::vector<float>& h, int64_t c0,
+                     int64_t c1);
+#endif
+
+// The LoRA update of new prompts' tokens, one segment of tokens per table line (lora_segments.cpp).
+void lora_segments_(const at::Tensor& x, const at::Tensor& out, const at::Tensor& table, const at::Tensor& lengths,
+                    const std::vector<int64_t>& widths, bool bf16_factors);
+
 // Causal attention of one new prompt (bf16) over its own keys and values in its cache slot (decode_step.cpp).
 at::Tensor prefill_attention_(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, int64_t length,
                               double scale);

@@ -87,13 +87,26 @@ def test_unloading_waits_for_the_requests_that_use_it(server):
     import time
 
     assert post(server, "/v1/load_lora_adapter", {"lora_name": "busy", "lora_path": "r8dora"}).status_code == 200
-    client = openai_client(server.url)
-    stream = iter(client.completions.create(model="busy", prompt="Hello", max_tokens=100, temperature=0, stream=True,
-                                            extra_body={"ignore_eos": True}))
-    chunks = [next(stream)]  # the request is running on the adapter
-    unloaded = {}
-    thread = threading.Thread(target=lambda: unloaded.update(r=post(server, "/v1/unload_lora_adapter", {"lora_name": "busy"})))
-    with server.engine._step_lock:  # the engine paused mid-request, so what follows cannot race its end
+    # the engine pauses after its first step with the request running, so what follows cannot race the request's
+    # end (pausing from the test's thread after the first streamed chunk raced it: a fast engine had finished)
+    paused, resume, step = threading.Event(), threading.Event(), server.engine.step
+
+    def step_then_pause() -> bool:
+        worked = step()
+        if not resume.is_set() and any(r.handle.request.adapter == "busy" for r in server.engine.rows):
+            paused.set()
+            resume.wait(60)
+        return worked
+
+    server.engine.step = step_then_pause
+    try:
+        client = openai_client(server.url)
+        stream = iter(client.completions.create(model="busy", prompt="Hello", max_tokens=100, temperature=0,
+                                                stream=True, extra_body={"ignore_eos": True}))
+        assert paused.wait(30)  # the request is running on the adapter
+        unloaded = {}
+        thread = threading.Thread(target=lambda: unloaded.update(r=post(server, "/v1/unload_lora_adapter",
+                                                                        {"lora_name": "busy"})))
         thread.start()
         deadline = time.monotonic() + 30
         while "busy" not in server.state.draining and time.monotonic() < deadline:
@@ -101,7 +114,10 @@ def test_unloading_waits_for_the_requests_that_use_it(server):
         # draining: new requests for it are refused, but it stays loaded while its request runs
         assert post(server, "/v1/completions", {"model": "busy", "prompt": "Hi", "max_tokens": 2}).status_code == 404
         assert "busy" in server.engine.adapters and "r" not in unloaded
-    chunks += list(stream)
+    finally:
+        resume.set()
+        del server.engine.step  # the engine's own method again
+    chunks = list(stream)
     thread.join(timeout=120)
     assert unloaded["r"].status_code == 200
     assert chunks[-1].choices[0].finish_reason == "length"

@@ -4,6 +4,7 @@ ones finish, nothing hangs and the server returns to idle."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -21,16 +22,30 @@ def test_a_client_dropping_mid_stream_frees_its_row(server):
     import httpx2 as httpx
 
     body = {"model": "r4", "prompt": "Hello", "max_tokens": 200, "temperature": 0, "stream": True, "ignore_eos": True}
-    with httpx.Client(timeout=60) as client, client.stream("POST", server.url + "/v1/completions", json=body) as r:
-        lines = r.iter_lines()
-        assert next(lines).startswith("data: ")  # streaming: the request holds a batch row
-        with server.engine._step_lock:  # the engine paused, so the request cannot finish by itself meanwhile
+    # the engine pauses after its first step with the request running (from its own thread, so that the request
+    # cannot finish by itself before the client leaves)
+    paused, resume, step = threading.Event(), threading.Event(), server.engine.step
+
+    def step_then_pause() -> bool:
+        worked = step()
+        if not resume.is_set() and server.engine.rows:
+            paused.set()
+            resume.wait(60)
+        return worked
+
+    server.engine.step = step_then_pause
+    try:
+        with httpx.Client(timeout=60) as client, client.stream("POST", server.url + "/v1/completions", json=body) as r:
+            assert paused.wait(30)  # the request holds a batch row
             handle = server.engine.rows[0].handle
             r.close()  # the client leaves
             deadline = time.monotonic() + 30
             while not handle.cancelled and time.monotonic() < deadline:
                 time.sleep(0.005)
             assert handle.cancelled
+    finally:
+        resume.set()
+        del server.engine.step  # the engine's own method again
     stats = wait_idle(server)
     assert stats["running"] == 0 and server.state.gate.in_flight == 0
     assert handle.completion.finish_reason == "abort" and handle.completion.completion_tokens < 200

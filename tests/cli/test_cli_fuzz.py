@@ -2,6 +2,8 @@
 flags: each case exits 0, 1 (lorakit's error, printed) or 2 (a usage error), never with another exception."""
 from __future__ import annotations
 
+import contextlib
+import os
 import tempfile
 from pathlib import Path
 
@@ -61,7 +63,18 @@ def command_lines(draw):
 @pytest.mark.filterwarnings("ignore")
 @given(command_lines())
 def test_fuzz_command_line_values(argv):
-    assert run_cli(argv) in (0, 1, 2)
+    with tempfile.TemporaryDirectory() as d, working_directory(d):  # a relative --output lands in d
+        assert run_cli(argv) in (0, 1, 2)
+
+
+@contextlib.contextmanager
+def working_directory(path: str):  # contextlib.chdir is Python 3.11+
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
 
 
 # ---- regressions: each ended in another exception before (found by the fuzzing above) -------------------

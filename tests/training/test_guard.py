@@ -99,6 +99,16 @@ def test_read_only_output_is_refused_before_training(tmp_path, capsys, monkeypat
     assert "Nothing was trained" in err
 
 
+def test_a_run_that_fails_before_writing_leaves_no_new_directory(tmp_path, capsys):
+    fresh, existing = tmp_path / "fresh", tmp_path / "existing"
+    existing.mkdir()
+    for out in (fresh, existing):  # the model does not exist: lorakit's error after the lock was taken
+        assert main(train_args(tmp_path / "no-model", tmp_path / "no-data", out)) == 1
+        assert "no-model" in capsys.readouterr().err
+    assert not fresh.exists()  # it created the directory and wrote nothing else, so it removed both
+    assert sorted(p.name for p in existing.iterdir()) == [".lorakit.lock"]  # someone else's directory stays
+
+
 def test_check_writable_creates_the_directory(tmp_path):
     check_writable(tmp_path / "a" / "b")
     assert (tmp_path / "a" / "b").is_dir() and not list((tmp_path / "a" / "b").iterdir())

@@ -67,11 +67,13 @@ class RunGuard:
         self.out, self.enabled = out, enabled
         self.stop_signal: int | None = None
         self._lock_fd: int | None = None
+        self._created_out = False
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "RunGuard":
         if not self.enabled:
             return self
+        self._created_out = not self.out.exists()
         check_writable(self.out)
         self._lock()
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -86,8 +88,18 @@ class RunGuard:
             signal.signal(signum, handler)
         self._previous.clear()
         if self._lock_fd is not None:
+            if self._created_out and self._holds_only_the_lock():
+                # a run that failed before writing anything leaves no directory behind (e.g. a wrong --model)
+                os.unlink(self.out / LOCK_NAME)
+                os.rmdir(self.out)
             os.close(self._lock_fd)  # closing the descriptor releases the flock
             self._lock_fd = None
+
+    def _holds_only_the_lock(self) -> bool:
+        try:
+            return [p.name for p in self.out.iterdir()] == [LOCK_NAME]
+        except OSError:
+            return False
 
     def _lock(self) -> None:
         import fcntl

@@ -43,29 +43,13 @@ void run(const at::Tensor& x, const at::Tensor& out, const at::Tensor& table, co
 
 void lora_rows_(const at::Tensor& x, const at::Tensor& out, const at::Tensor& table, const std::vector<int64_t>& widths,
                 bool bf16_factors) {
-  TORCH_CHECK(x.device().is_cpu() && out.device().is_cpu() && table.device().is_cpu(), "lora_rows_: CPU tensors only");
-  TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && x.size(0) == out.size(0), "lora_rows_: x (n, d_in) and out (n, d_out)");
-  TORCH_CHECK(x.stride(1) == 1 && out.stride(1) == 1, "lora_rows_: x and out must be contiguous in their last dimension");
-  TORCH_CHECK(x.scalar_type() == out.scalar_type(), "lora_rows_: x and out must share a dtype");
-  TORCH_CHECK(table.scalar_type() == at::kLong && table.dim() == 2 && table.is_contiguous() &&
-                  table.size(1) == 3 + 3 * static_cast<int64_t>(widths.size()),
-              "lora_rows_: table is (rows, 3 + 3 * blocks) int64, contiguous");
-  int64_t width = 0;
-  for (int64_t w : widths) width += w;
-  TORCH_CHECK(width == out.size(1), "lora_rows_: the blocks' widths must add up to out's columns");
+  check_lora_operands("lora_rows_", x, out, table, widths);
   const int64_t* tp = table.data_ptr<int64_t>();
   for (int64_t line = 0; line < table.size(0); ++line)
     TORCH_CHECK(tp[line * table.size(1)] >= 0 && tp[line * table.size(1)] < x.size(0), "lora_rows_: a row index is out of range");
-  const auto xt = x.scalar_type();
-  if (xt == at::kBFloat16 && !bf16_factors) {
-    run<c10::BFloat16, float>(x, out, table, widths);
-  } else if (xt == at::kBFloat16) {
-    run<c10::BFloat16, c10::BFloat16>(x, out, table, widths);
-  } else if (xt == at::kFloat && !bf16_factors) {
-    run<float, float>(x, out, table, widths);
-  } else {
-    TORCH_CHECK(false, "lora_rows_: x in fp32 with fp32 factors, or in bf16 with fp32 or bf16 factors");
-  }
+  dispatch_lora_dtypes("lora_rows_", x.scalar_type(), bf16_factors, [&](auto xt, auto ft) {
+    run<decltype(xt), decltype(ft)>(x, out, table, widths);
+  });
 }
 
 

@@ -304,6 +304,12 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed) {
   return op.call(x, packed, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
 }
 
+// out[:, c0:c1] += bias[c0:c1] on each of the n rows (out is (n, d_out)).
+void add_bias(const bf16* bias, int64_t n, int64_t d_out, bf16* out, int64_t c0, int64_t c1) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = c0; j < c1; ++j) out[i * d_out + j] = bf16(f32(out[i * d_out + j]) + f32(bias[j]));
+}
+
 // out (n, d_out) = x W^T (+ the rows' LoRA update) (+ bias). One row: bf16_gemv on W's rows; more rows: oneDNN on
 // the packed copy where there is one (its blocked kernel computes several rows per weight load; bf16_gemv reloads
 // x for every weight row). LoRA with bf16 factors on several rows: the rows grouped by adapter (lora_blocks), each
@@ -342,10 +348,7 @@ void project(const at::Tensor& x_t, const at::Tensor& W, const at::Tensor* packe
           lora_block_bf16(x, d_in, out, d_out, d_in, *lora.widths, groups[task / parts], h, c0, c1);
         }
       });
-      if (b != nullptr) {
-        for (int64_t i = 0; i < n; ++i)
-          for (int64_t j = 0; j < d_out; ++j) out[i * d_out + j] = bf16(f32(out[i * d_out + j]) + f32(b[j]));
-      }
+      if (b != nullptr) add_bias(b, n, d_out, out, 0, d_out);
       return;
     }
   }
@@ -372,10 +375,7 @@ void project(const at::Tensor& x_t, const at::Tensor& W, const at::Tensor* packe
         if (entry[1] != 0) lora_add<bf16, FT>(entry, *lora.widths, &hs[line * ranks], out + entry[0] * d_out, c0, c1, acc.data());
       }
     }
-    if (b != nullptr) {
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t j = c0; j < c1; ++j) out[i * d_out + j] = bf16(f32(out[i * d_out + j]) + f32(b[j]));
-    }
+    if (b != nullptr) add_bias(b, n, d_out, out, c0, c1);
   });
 }
 

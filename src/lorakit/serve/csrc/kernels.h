@@ -95,6 +95,38 @@ void lora_update(const XT* xp, int64_t sx, XT* op, int64_t so, int64_t d_in, int
   }
 }
 
+// The operand checks lora_rows_ and lora_segments_ share (`name` begins every message): x (rows, d_in) and out
+// (rows, d_out) on the CPU, of one dtype, innermost contiguous; the table (lines, 3 + 3 * blocks) int64; the
+// blocks' widths adding up to out's columns.
+inline void check_lora_operands(const char* name, const at::Tensor& x, const at::Tensor& out, const at::Tensor& table,
+                                const std::vector<int64_t>& widths) {
+  TORCH_CHECK(x.device().is_cpu() && out.device().is_cpu() && table.device().is_cpu(), name, ": CPU tensors only");
+  TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && x.size(0) == out.size(0), name, ": x (rows, d_in) and out (rows, d_out)");
+  TORCH_CHECK(x.stride(1) == 1 && out.stride(1) == 1, name, ": x and out must be contiguous in their last dimension");
+  TORCH_CHECK(x.scalar_type() == out.scalar_type(), name, ": x and out must share a dtype");
+  TORCH_CHECK(table.scalar_type() == at::kLong && table.dim() == 2 && table.is_contiguous() &&
+                  table.size(1) == 3 + 3 * static_cast<int64_t>(widths.size()),
+              name, ": table is (lines, 3 + 3 * blocks) int64, contiguous");
+  int64_t width = 0;
+  for (int64_t w : widths) width += w;
+  TORCH_CHECK(width == out.size(1), name, ": the blocks' widths must add up to out's columns");
+}
+
+// Calls run(XT{}, FT{}) with x's element type and the factors' (bf16 x with fp32 or bf16 factors, fp32 x with fp32
+// factors), the combinations the LoRA kernels are built for.
+template <typename Run>
+void dispatch_lora_dtypes(const char* name, at::ScalarType x_dtype, bool bf16_factors, Run&& run) {
+  if (x_dtype == at::kBFloat16 && !bf16_factors) {
+    run(c10::BFloat16{}, float{});
+  } else if (x_dtype == at::kBFloat16) {
+    run(c10::BFloat16{}, c10::BFloat16{});
+  } else if (x_dtype == at::kFloat && !bf16_factors) {
+    run(float{}, float{});
+  } else {
+    TORCH_CHECK(false, name, ": x in fp32 with fp32 factors, or in bf16 with fp32 or bf16 factors");
+  }
+}
+
 // Whether bf16_gemv was built (the compiler targets AVX-512 BF16).
 bool has_bf16_gemv();
 

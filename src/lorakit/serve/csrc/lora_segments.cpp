@@ -157,19 +157,10 @@ void run(const at::Tensor& x, const at::Tensor& out, const std::vector<LoraBlock
 
 void lora_segments_(const at::Tensor& x, const at::Tensor& out, const at::Tensor& table, const at::Tensor& lengths,
                     const std::vector<int64_t>& widths, bool bf16_factors) {
-  TORCH_CHECK(x.device().is_cpu() && out.device().is_cpu() && table.device().is_cpu() && lengths.device().is_cpu(),
-              "lora_segments_: CPU tensors only");
-  TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && x.size(0) == out.size(0), "lora_segments_: x (T, d_in) and out (T, d_out)");
-  TORCH_CHECK(x.stride(1) == 1 && out.stride(1) == 1, "lora_segments_: x and out must be contiguous in their last dimension");
-  TORCH_CHECK(x.scalar_type() == out.scalar_type(), "lora_segments_: x and out must share a dtype");
-  TORCH_CHECK(table.scalar_type() == at::kLong && table.dim() == 2 && table.is_contiguous() &&
-                  table.size(1) == 3 + 3 * static_cast<int64_t>(widths.size()),
-              "lora_segments_: table is (segments, 3 + 3 * blocks) int64, contiguous");
-  TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.is_contiguous() && lengths.numel() == table.size(0),
-              "lora_segments_: lengths is (segments) int64, contiguous");
-  int64_t width = 0;
-  for (int64_t w : widths) width += w;
-  TORCH_CHECK(width == out.size(1), "lora_segments_: the blocks' widths must add up to out's columns");
+  check_lora_operands("lora_segments_", x, out, table, widths);
+  TORCH_CHECK(lengths.device().is_cpu() && lengths.scalar_type() == at::kLong && lengths.is_contiguous() &&
+                  lengths.numel() == table.size(0),
+              "lora_segments_: lengths is (segments) int64, contiguous, on the CPU");
   const int64_t fields = table.size(1);
   const int64_t* tp = table.data_ptr<int64_t>();
   const int64_t* lp = lengths.data_ptr<int64_t>();
@@ -185,16 +176,9 @@ void lora_segments_(const at::Tensor& x, const at::Tensor& out, const at::Tensor
       blocks.push_back(block);
     }
   }
-  const auto xt = x.scalar_type();
-  if (xt == at::kBFloat16 && !bf16_factors) {
-    run<bf16, float>(x, out, blocks, fields, widths);
-  } else if (xt == at::kBFloat16) {
-    run<bf16, bf16>(x, out, blocks, fields, widths);
-  } else if (xt == at::kFloat && !bf16_factors) {
-    run<float, float>(x, out, blocks, fields, widths);
-  } else {
-    TORCH_CHECK(false, "lora_segments_: x in fp32 with fp32 factors, or in bf16 with fp32 or bf16 factors");
-  }
+  dispatch_lora_dtypes("lora_segments_", x.scalar_type(), bf16_factors, [&](auto xt, auto ft) {
+    run<decltype(xt), decltype(ft)>(x, out, blocks, fields, widths);
+  });
 }
 
 }  // namespace lorakit

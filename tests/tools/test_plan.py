@@ -1,4 +1,5 @@
 """`lorakit plan`: exact parameter counts and adapter sizes against real models, memory formulas against measurements."""
+import copy
 import json
 
 import pytest
@@ -160,19 +161,26 @@ def test_plan_errors(tmp_path, capsys):
         plan({"model_type": "t5", "d_model": 32, "num_heads": 4, "num_layers": 2})
 
 
-def test_cpu_attention_estimate_matches_what_autograd_saves(default_kernels):
+@pytest.mark.parametrize("seq_len", [96, 200], ids=["one block of queries", "two blocks"])
+def test_cpu_attention_estimate_matches_what_autograd_saves(default_kernels, seq_len):
     # lorakit's CPU attention keeps the attention probabilities; `--device cpu` counts them
     from lorakit.training.attention import use_fast_cpu_attention
 
     config = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=320, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    assert use_fast_cpu_attention(model, measure=False)
-    lorakit.apply(model, LoraConfig(r=8, target_modules="all-linear"))
-    model.train()
-    ids = torch.randint(0, 128, (2, 96))
-    on_cpu, on_gpu = (plan(config.to_dict(), r=8, batch_size=2, seq_len=96, device=d).methods[1] for d in ("cpu", "cuda"))
-    saved = saved_activation_bytes(model, ids)
-    assert on_cpu.memory["activations"] == pytest.approx(saved, rel=0.1)
-    assert on_gpu.memory["activations"] < 0.9 * saved  # the probabilities are a real share: the term matters
+    ids = torch.randint(0, 128, (2, seq_len), generator=torch.Generator().manual_seed(0))
+
+    def saved(fast_attention: bool) -> int:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(copy.deepcopy(config)).to(torch.bfloat16)  # switching sets the config's field
+        assert not fast_attention or use_fast_cpu_attention(model, measure=False)
+        lorakit.apply(model, LoraConfig(r=8, target_modules="all-linear"))
+        return saved_activation_bytes(model.train(), ids)
+
+    on_cpu, on_gpu = (plan(config.to_dict(), r=8, batch_size=2, seq_len=seq_len, device=d).methods[1]
+                      for d in ("cpu", "cuda"))
+    with_fast, with_sdpa = saved(True), saved(False)
+    assert on_cpu.memory["activations"] == pytest.approx(with_fast, rel=0.1)
+    assert on_gpu.memory["activations"] < 0.9 * with_fast  # the probabilities are a real share: the term matters
+    # the term itself: what the fast attention keeps beyond sdpa (fewer probabilities with two blocks of queries)
+    assert on_cpu.memory["activations"] - on_gpu.memory["activations"] == pytest.approx(with_fast - with_sdpa, rel=0.1)

@@ -14,6 +14,7 @@ from lorakit.core import autotune
 from lorakit.core.errors import LorakitError
 from lorakit.training.compiled_layers import (
     adapter_kinds,
+    attention_kind,
     compile_layers,
     compile_pays,
     decoder_layers,
@@ -125,7 +126,7 @@ def test_auto_measures_once_per_machine_and_leaves_training_untouched(tmp_path, 
     assert all("forward" not in layer.__dict__ for layer in decoder_layers(model))
     entries = json.loads((tmp_path / "autotune.json").read_text())[autotune.machine_key()]
     (key, entry), = [(k, v) for k, v in entries.items() if k.startswith("layer_compile[LlamaDecoderLayer L2 d32 t16")]
-    assert key.endswith(" Linear]")  # the adapter's layer class is part of the key
+    assert key.endswith(" Linear sdpa]")  # the adapter's layer class and the attention function are in the key
     assert set(entry["seconds"]) == {"eager", "compiled"} and (entry["choice"] == "compiled") == chose
     autotune.forget_process_decisions()
     monkeypatch.setattr(autotune, "_seconds", lambda *a, **k: pytest.fail("measured again"))
@@ -140,6 +141,18 @@ def test_the_compile_decision_is_kept_per_adapter_kind():
     assert adapter_kinds(lora_layer) == "Linear"
     assert adapter_kinds(decoder_layers(dora)[0]) == "DoraLinear"
     assert adapter_kinds(decoder_layers(tiny_llama())[0]) == "plain"
+
+
+def test_the_compile_decision_is_kept_per_attention_function(monkeypatch):
+    # lorakit's CPU attention changes what the layer computes between its products: its own decision
+    from lorakit.training import attention
+
+    model = tiny_llama().to(torch.bfloat16)
+    assert attention_kind(model) == "sdpa"
+    assert attention.use_fast_cpu_attention(model, measure=False)
+    assert attention_kind(model) == f"lorakit_cpu q{attention.QUERY_BLOCK}"
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 64)
+    assert attention_kind(model) == "lorakit_cpu q64"
 
 
 def test_a_dora_layer_compiles_into_one_graph():

@@ -200,14 +200,15 @@ def _shape(config) -> _Shape:
 def cpu_attention_bytes(s: _Shape, batch: int, seq: int, e: int) -> int:
     """Extra bytes per layer and token that lorakit's CPU attention keeps over SDPA, where it applies.
 
-    It keeps q (regrouped), the scaled k and v as SDPA keeps q, k and v, plus the probabilities (e heads
-    seq), and no log-sum-exp (4 heads). Zero in fp32 or above MAX_SCORES.
+    It keeps q (regrouped), the scaled k and v as SDPA keeps q, k and v, plus the probabilities (e heads, and
+    per token the keys its block of queries attends: `kept_probabilities`), and no log-sum-exp (4 heads). Zero
+    in fp32 or above MAX_SCORES.
     """
-    from lorakit.training.attention import MAX_SCORES
+    from lorakit.training.attention import MAX_SCORES, kept_probabilities
 
     if e >= 4 or batch * s.heads * seq * seq > MAX_SCORES:
         return 0
-    return e * s.heads * seq - 4 * s.heads
+    return e * s.heads * kept_probabilities(seq) // seq - 4 * s.heads
 
 
 def activation_bytes(s: _Shape, tokens: int, e: int, adapted: list[list[tuple[str, int, int]]] | None,

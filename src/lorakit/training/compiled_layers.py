@@ -93,6 +93,15 @@ def adapter_kinds(layer: nn.Module) -> str:
     return "+".join(sorted(kinds)) or "plain"
 
 
+def attention_kind(model: nn.Module) -> str:
+    """The model's attention function as the compile decision's key names it (lorakit's CPU attention with its
+    query block: a change to it can change whether compiling pays)."""
+    from lorakit.training import attention
+
+    name = getattr(getattr(model, "config", None), "_attn_implementation", None) or "default"
+    return f"{name} q{attention.QUERY_BLOCK}" if name == attention.NAME else name
+
+
 def compile_pays(model: nn.Module, tokens: int, dtype: torch.dtype) -> bool:
     """Whether the compiled layers run this model's forward and backward faster than eager on this machine:
     measured once per machine and shape on a (1, tokens) batch (`lorakit.core.autotune`), cached."""
@@ -103,7 +112,7 @@ def compile_pays(model: nn.Module, tokens: int, dtype: torch.dtype) -> bool:
         return False
     hidden = getattr(model.config, "hidden_size", 0)
     key = (f"{type(layers[0]).__name__} L{len(layers)} d{hidden} t{tokens} {str(dtype).removeprefix('torch.')} "
-           f"{adapter_kinds(layers[0])}")
+           f"{adapter_kinds(layers[0])} {attention_kind(model)}")
     run = _fwd_bwd(model, tokens)
 
     def compiled() -> None:

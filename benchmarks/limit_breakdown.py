@@ -16,7 +16,7 @@ from collections import Counter
 import torch
 
 from lorakit.tools.bench import BenchTrainConfig, step_function
-from lorakit.tools.roofline import GEMM_OPS, Gemm, _operands, capture_gemms
+from lorakit.tools.roofline import GEMM_OPS, Gemm, capture_gemms, random_operands
 
 
 def seconds(func, args: list[torch.Tensor], calls: int, repeats: int = 5) -> float:
@@ -53,7 +53,7 @@ def main() -> None:
     groups = Counter(calls)
     rows = []
     for call, count in groups.items():
-        operands = _operands(call, device)
+        operands = random_operands(call, device)
         rows.append((seconds(funcs[call.op], operands, count),
                      seconds(funcs[call.op], [t.contiguous() for t in operands], count), count, call))
     total = sum(r[0] for r in rows)

@@ -68,7 +68,8 @@ def capture_gemms(step: Callable[[], None]) -> list[Gemm]:
     return recorder.calls
 
 
-def _operands(call: Gemm, device: torch.device) -> list[torch.Tensor]:
+def random_operands(call: Gemm, device: torch.device) -> list[torch.Tensor]:
+    """Fresh tensors of the recorded shapes, strides and dtypes (normal values; integers zero) to replay `call` on."""
     out = []
     for shape, stride, dtype in call.args:
         t = torch.empty_strided(shape, stride, dtype=dtype, device=device)
@@ -80,7 +81,7 @@ def _operands(call: Gemm, device: torch.device) -> list[torch.Tensor]:
 def replay_seconds(calls: list[Gemm], device: torch.device, repeats: int = 5) -> float:
     """Median time of running `calls` back to back (operands allocated once per distinct product)."""
     funcs = {name: op for op, name in GEMM_OPS.items()}
-    operands = {call: _operands(call, device) for call in set(calls)}
+    operands = {call: random_operands(call, device) for call in set(calls)}
     plan = [(funcs[call.op], operands[call]) for call in calls]
 
     def once() -> float:

@@ -1,6 +1,7 @@
 """The compiled decoding step (lorakit.serve.decode_step) against the engine's torch path, both measured against
-an fp32 forward of the same bf16-rounded weights: logits and cache writes for one row (bf16_gemv) and several
-(oneDNN's packed product, or bf16_gemv where the layout holds only rows), grouped-query heads of sizes that take
+an fp32 forward of the same bf16-rounded weights: logits and cache writes for one row and several, in each layout
+it reads (tiles: bf16_tiles at every row count; gemv: bf16_gemv for one row, oneDNN's packed product for more;
+rows: bf16_gemv), grouped-query heads of sizes that take
 each of its attention paths, Qwen2's biases, and every decoding step of a mixed batch of adapters (different
 ranks, DoRA, a row on the base); the choice is refused with lorakit's error where it cannot run."""
 from __future__ import annotations
@@ -60,7 +61,7 @@ def both_paths(runner: LlamaRunner, step: StepBatch, forward=None):
 
 
 @needs_step
-@pytest.mark.parametrize("rows,layout", [(1, "gemv"), (3, "gemv"), (3, "rows")])
+@pytest.mark.parametrize("rows,layout", [(1, "tiles"), (3, "tiles"), (1, "gemv"), (3, "gemv"), (3, "rows")])
 @pytest.mark.parametrize("head_dim", [8, 48, 64])  # scalar scores and values; scalar scores; bf16 dot products
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 @torch.no_grad()
@@ -86,15 +87,16 @@ def test_the_compiled_step_is_as_close_to_fp32_as_the_torch_path(kind, head_dim,
 
 @needs_step
 @torch.no_grad()
+@pytest.mark.parametrize("layout", ["tiles", "gemv"])
 @pytest.mark.parametrize("names", [[*ADAPTERS, None, "r4"], ["r8dora"] * 3], ids=["mixed", "one-adapter"])
 def test_every_step_of_a_mixed_batch_of_adapters_matches_the_torch_path(tiny_model_dir, smollm_tokenizer, adapter_dirs,
-                                                                         names):
+                                                                         names, layout):
     """mixed: different ranks, per-module ranks, rsLoRA, DoRA (lorakit's and PEFT's), the base, two rows on one
     adapter (one block of the kernel); one-adapter: every row on one DoRA adapter (its columns split between the
     threads)."""
     engine = Engine(base_model(tiny_model_dir, torch.bfloat16), smollm_tokenizer,
                     EngineConfig(max_seq_len=96, max_batch_size=6, lora_strategy="fused", prefill="separate",
-                                 decode_step="compiled"))
+                                 decode_step="compiled", weight_layout=layout))
     for name, directory in adapter_dirs.items():
         engine.load_adapter(name, directory)
     assert engine.decode_step == "compiled"

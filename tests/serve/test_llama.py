@@ -12,7 +12,8 @@ from lorakit.serve.llama import LlamaRunner
 from lorakit.serve.step_batch import StepBatch
 from lorakit.serve.weights import usable_layouts
 
-# every layout the engine may choose in fp32 on this machine; packed where this torch has oneDNN (gemv is bf16's)
+# every layout the engine may choose in fp32 on this machine; packed where this torch has oneDNN (gemv and tiles
+# are bf16's)
 USABLE = usable_layouts(torch.float32, torch.device("cpu"))
 
 
@@ -79,8 +80,9 @@ def test_the_weight_layout_is_chosen_once_per_machine(tmp_path, monkeypatch):
     assert "32x32" in entry and "b1+2 float32" in entry  # the o projection's shape; both batch sizes measured
     with pytest.raises(LorakitError, match="weight layout"):
         LlamaRunner(tiny("llama"), max_rows=1, max_seq_len=8, layout="diagonal")
-    with pytest.raises(LorakitError, match="'gemv' is not available for torch.float32"):
-        LlamaRunner(tiny("llama"), max_rows=1, max_seq_len=8, layout="gemv")
+    for bf16_only in ("gemv", "tiles"):
+        with pytest.raises(LorakitError, match=f"'{bf16_only}' is not available for torch.float32"):
+            LlamaRunner(tiny("llama"), max_rows=1, max_seq_len=8, layout=bf16_only)
 
 
 def test_sliding_windows_are_exact_only_within_the_window():
@@ -106,17 +108,55 @@ def test_the_bf16_gemv_kernel_equals_an_fp32_product(rows, d_in):
     torch.testing.assert_close(out, (x.float() @ W.float().T).bfloat16(), rtol=1e-2, atol=2e-2)
 
 
+needs_tiles = pytest.mark.skipif("tiles" not in usable_layouts(torch.bfloat16, torch.device("cpu")),
+                                 reason="this CPU (or compiler) has no AVX-512 BF16: the tiles layout is not built here")
+
+
+@needs_tiles
+@pytest.mark.parametrize("rows", [1, 3, 9, 16, 17, 40])  # 9-16: blocks that prefetch; past 16: groups of 16 rows
+@pytest.mark.parametrize("d_out,d_in", [(130, 64), (16, 3), (45, 71)])  # columns past a block of 16; odd inputs
+def test_the_bf16_tiles_kernel_equals_an_fp32_product(rows, d_out, d_in):
+    from lorakit.serve.lora_kernel import tiles_kernel
+
+    product, tile = tiles_kernel()
+    g = torch.Generator().manual_seed(rows + d_in)
+    x, W = torch.randn(rows, d_in, generator=g).bfloat16(), torch.randn(d_out, d_in, generator=g).bfloat16()
+    out = torch.full((rows, d_out), float("nan"), dtype=torch.bfloat16)  # every column written, none past them
+    product(x, tile(W), out)
+    torch.testing.assert_close(out, (x.float() @ W.float().T).bfloat16(), rtol=1e-2, atol=2e-2)
+
+
+@needs_tiles
+def test_a_tiled_copy_puts_sixteen_columns_pairs_side_by_side():
+    from lorakit.serve.lora_kernel import tiles_kernel
+
+    product, tile = tiles_kernel()
+    W = torch.arange(20 * 5, dtype=torch.float32).view(20, 5).bfloat16()
+    tiled = tile(W)
+    assert tiled.shape == (2, 3, 16, 2)  # ceil(20 / 16) blocks of columns, ceil(5 / 2) pairs of inputs
+    padded = torch.zeros(32, 6, dtype=torch.bfloat16)
+    padded[:20, :5] = W
+    for b, p, c, e in [(0, 0, 0, 1), (0, 2, 15, 0), (1, 1, 3, 1), (1, 2, 3, 1), (1, 0, 4, 0)]:
+        assert tiled[b, p, c, e] == padded[16 * b + c, 2 * p + e]  # zero past W's edges
+    with pytest.raises(RuntimeError, match="tiled copy"):
+        product(torch.ones(1, 5, dtype=torch.bfloat16), W, torch.empty(1, 20, dtype=torch.bfloat16))
+
+
 @needs_gemv
+@pytest.mark.parametrize("layout", ["gemv", pytest.param("tiles", marks=needs_tiles)])
+@pytest.mark.parametrize("rows", [1, 3])
 @torch.no_grad()
-def test_the_gemv_layout_decodes_like_packed_in_bf16():
-    seq = torch.randint(0, 64, (9,), generator=torch.Generator().manual_seed(1))
+def test_the_compiled_layouts_decode_like_packed_in_bf16(layout, rows):
+    seqs = [torch.randint(0, 64, (9,), generator=torch.Generator().manual_seed(i)) for i in range(rows)]
     logits = {}
-    for layout in ("packed", "gemv"):
+    for held in ("packed", layout):
         model = tiny("llama").to(torch.bfloat16)
-        runner = LlamaRunner(model, max_rows=1, max_seq_len=16, layout=layout)
-        runner.forward(as_batch(seq[:-1].tolist(), list(range(8)), 0, [(0, 0, 8)], [7]))  # prefill: packed in both
-        logits[layout] = runner.forward(as_batch([seq[-1].item()], [8], 1, [], [0])).float()  # one row: the kernel
-        if layout == "gemv":  # the modules keep views of the rows the kernel reads: no second copy of them
+        runner = LlamaRunner(model, max_rows=rows, max_seq_len=16, layout=held, decode_step="torch")
+        runner.forward(as_batch(torch.cat([s[:-1] for s in seqs]).tolist(), list(range(8)) * rows, 0,
+                                [(i, 8 * i, 8) for i in range(rows)], [8 * i + 7 for i in range(rows)]))  # prefill
+        logits[held] = runner.forward(as_batch([s[-1].item() for s in seqs], [8] * rows, rows, [],
+                                               list(range(rows)))).float()
+        if held == layout:  # the modules keep views of the rows beside the copy: no second copy of them
             q = model.model.layers[0].self_attn.q_proj.weight
             assert q.untyped_storage().data_ptr() == runner.layers[0].weights["qkv"][1].untyped_storage().data_ptr()
-    torch.testing.assert_close(logits["gemv"], logits["packed"], rtol=2e-2, atol=3e-2)
+    torch.testing.assert_close(logits[layout], logits["packed"], rtol=2e-2, atol=3e-2)

@@ -21,13 +21,13 @@ from lorakit.core.errors import LorakitError
 from lorakit.serve.lora_kernel import step_kernel
 from lorakit.serve.multi_lora import FusedPlan
 from lorakit.serve.step_batch import StepBatch
+from lorakit.serve.weights import ROW_LAYOUTS, copy_of, rows_of
 
 # the runner's type is lorakit.serve.llama.LlamaRunner, which builds its CompiledStep: `Any` keeps the import one-way
 Runner = Any
 
-MAX_ROWS = 16  # the compiled products' register blocking (bf16_gemv)
+MAX_ROWS = 16  # the compiled products' register blocking (bf16_gemv, bf16_tiles)
 STEP_CHOICES = ("auto", "compiled", "torch")
-ROW_LAYOUTS = ("gemv", "rows")  # layouts that keep each fused weight's (d_out, d_in) rows contiguous
 
 
 def why_not_compiled(model: nn.Module, dtype: torch.dtype, device: torch.device, layout: str | None) -> str:
@@ -39,7 +39,7 @@ def why_not_compiled(model: nn.Module, dtype: torch.dtype, device: torch.device,
     if device.type != "cpu" or dtype != torch.bfloat16:
         return f"it runs bf16 models on the CPU, not {dtype} on {device.type}"
     if layout is not None and layout not in ROW_LAYOUTS:
-        return f"it reads the weights' rows: weight_layout {layout!r} holds none (use gemv or rows)"
+        return f"it reads the weights' rows: weight_layout {layout!r} holds none (use {', '.join(ROW_LAYOUTS)})"
     if getattr(config, "hidden_act", None) != "silu":
         return f"it computes SiLU gates, not {getattr(config, 'hidden_act', None)!r}"
     if any(type(m).__name__ not in ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm") for m in norms) or \
@@ -60,17 +60,17 @@ class CompiledStep:
 
     def __init__(self, runner: Runner, model: nn.Module) -> None:
         self.kernel, self.runner = step_kernel(), runner
-        rows = (lambda held: held[1]) if runner.weight_layout == "gemv" else (lambda held: held)
+        layout = runner.weight_layout
         no_bias = torch.empty(0, dtype=runner.dtype)
-        self.weights = [rows(layer.weights[g]) for layer in runner.layers for g in layer.weights]
+        self.weights = [rows_of(layer.weights[g], layout) for layer in runner.layers for g in layer.weights]
         self.biases = [b if b is not None else no_bias for layer in runner.layers for b in layer.biases.values()]
         norms = [(layer.input_layernorm.weight, layer.post_attention_layernorm.weight) for layer in model.model.layers]
         self.norms = [w.detach() for pair in norms for w in pair] + [model.model.norm.weight.detach()]
         self.eps = model.model.norm.variance_epsilon
-        self.head = rows(runner.head_weight)
-        # the gemv layout's packed copies: oneDNN runs the products of steps of more than one row
-        self.packed = [held[0] for held in [*(w for layer in runner.layers for w in layer.weights.values()),
-                                             runner.head_weight]] if runner.weight_layout == "gemv" else []
+        self.head = rows_of(runner.head_weight, layout)
+        # the copies beside the rows: gemv's packed ones run steps of more than one row (oneDNN), tiles' every step
+        self.packed = [copy_of(held, layout) for held in [*(w for layer in runner.layers for w in layer.weights.values()),
+                                                          runner.head_weight]] if layout in ("gemv", "tiles") else []
         self.cos, self.signed_sin = runner.cos.contiguous(), runner.signed_sin.contiguous()
         self.groups = tuple(runner.layers[0].weights)  # qkv, o, gate_up, down: the kernel's order
         self.no_lora = ([torch.empty(0, dtype=torch.long)] * len(self.groups), [[]] * len(self.groups), False)

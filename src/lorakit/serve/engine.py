@@ -67,8 +67,9 @@ class EngineConfig:
         lora_dtype: the dtype of the LoRA factors: "auto" is the model's dtype off the CPU and where the
             compiled decoding step runs the fused branch, else fp32 (the CPU's small bf16 GEMMs are slower than
             fp32 ones).
-        weight_layout: how the base weights are held for decoding: "auto" (the fastest on this machine,
-            measured once), "transposed", "rows", "packed" or "gemv" (lorakit.serve.weights).
+        weight_layout: how the base weights are held for decoding: "auto" (tiles where the compiled step runs,
+            else the fastest on this machine, measured once), "transposed", "rows", "packed", "gemv" or "tiles"
+            (lorakit.serve.weights).
         decode_step: how steps that only decode run: "auto" (one compiled call per step where it applies: a bf16
             Llama-family model on a CPU with AVX-512 BF16, up to 16 rows, LoRA fused), "compiled" (an error
             where it cannot) or "torch" (lorakit.serve.decode_step).
@@ -82,7 +83,7 @@ class EngineConfig:
     lora_strategy: Literal["auto", "fused", "gather", "segment"] = "auto"
     prefill: Literal["with_decode", "separate"] = "with_decode"
     lora_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    weight_layout: Literal["auto", "transposed", "rows", "packed", "gemv"] = "auto"
+    weight_layout: Literal["auto", "transposed", "rows", "packed", "gemv", "tiles"] = "auto"
     decode_step: Literal["auto", "compiled", "torch"] = "auto"
 
     def __post_init__(self) -> None:

@@ -30,7 +30,7 @@ from lorakit.serve.kv_cache import KVCache
 from lorakit.serve.lora_kernel import prefill_attention_kernel
 from lorakit.serve.multi_lora import LoraBatch
 from lorakit.serve.step_batch import StepBatch
-from lorakit.serve.weights import LAYOUTS, choose_layout, hold, product, usable_layouts
+from lorakit.serve.weights import LAYOUTS, choose_layout, hold, product, rows_of, usable_layouts
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 # group name -> (parent module, projections whose outputs it concatenates)
@@ -93,8 +93,8 @@ class LlamaRunner:
             re-laid into one tensor each, the modules keeping views of it (values unchanged).
         max_rows: requests in the cache at once.
         max_seq_len: tokens per request.
-        layout: how the weights are held ("transposed", "rows", "packed", "gemv"; lorakit.serve.weights), or
-            "auto": gemv where the compiled step runs, else the fastest on this machine, measured once.
+        layout: how the weights are held ("transposed", "rows", "packed", "gemv", "tiles"; lorakit.serve.weights),
+            or "auto": tiles where the compiled step runs, else the fastest on this machine, measured once.
         decode_step: "auto" (steps that only decode run as one compiled call where it applies:
             lorakit.serve.decode_step), "compiled" (an error where it cannot) or "torch".
 
@@ -110,10 +110,10 @@ class LlamaRunner:
         self.model, self.dtype, self.device = model, weight.dtype, weight.device
         self.embed, self.norm = model.get_input_embeddings(), rms_norm(inner.norm)
         if layout == "auto" and decode_step != "torch" and not why_not_compiled(model, self.dtype, self.device, None) \
-                and "gemv" in usable_layouts(self.dtype, self.device):
-            # the compiled step runs one row with gemv's kernel and more with its packed copy: the best of both
-            # products, and no more memory than packed alone (README, Serving)
-            layout = "gemv"
+                and "tiles" in usable_layouts(self.dtype, self.device):
+            # the compiled step's products at every row count, and prompts' too, run fastest over the tiled copy,
+            # which costs no more memory than a packed one (README, Serving)
+            layout = "tiles"
         elif layout == "auto":
             layout = choose_layout(self._shapes(model), self.dtype, self.device, max_rows)
         if layout not in LAYOUTS:
@@ -156,7 +156,8 @@ class LlamaRunner:
         """The output head in the runner's layout (the largest single product of a decoding step, vocab x d).
 
         Transposed or rows: the head (and a tied input embedding) keep a view of the runner's tensor, so no
-        copy is added; packed: a copy beside the head's own weight; gemv: that copy and the head's own weight.
+        copy is added; packed: a copy beside the head's own weight; gemv and tiles: their copy and the head's own
+        weight.
         """
         head, embed = model.get_output_embeddings(), model.get_input_embeddings()
         held = hold(head.weight.detach(), self.weight_layout)
@@ -173,7 +174,7 @@ class LlamaRunner:
         for group, (parent, names) in GROUPS.items():
             modules = [getattr(getattr(layer, parent), name) for name in names]
             fused = hold(torch.cat([m.weight for m in modules]), self.weight_layout)
-            rows_held = fused if self.weight_layout == "rows" else fused[1] if self.weight_layout == "gemv" else None
+            rows_held = rows_of(fused, self.weight_layout)
             if self.weight_layout != "packed":  # the modules keep (d_out, d_in) views of it: no copy kept
                 start = 0
                 for m in modules:

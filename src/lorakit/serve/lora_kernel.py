@@ -34,7 +34,7 @@ from lorakit.serve.adapters import GroupFactors
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "decode_kernels.cpp", CSRC / "decode_step.cpp", CSRC / "lora_segments.cpp")  # built together
+SOURCES = (CSRC / "decode_kernels.cpp", CSRC / "decode_step.cpp", CSRC / "lora_segments.cpp", CSRC / "tiles.cpp")  # built together
 HEADERS = (CSRC / "kernels.h", CSRC / "simd.h")
 # x dtype -> factor dtypes the compiled function takes with it
 SUPPORTED = {torch.float32: (torch.float32,), torch.bfloat16: (torch.float32, torch.bfloat16)}
@@ -71,6 +71,14 @@ def gemv_kernel() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] 
     """The compiled `bf16_gemv_(x, W, out)` (out = x W^T, bf16, x of at most 16 rows), or None where the build
     failed or the CPU has no AVX-512 BF16."""
     return _bf16_function("bf16_gemv_")
+
+
+def tiles_kernel() -> tuple[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None],
+                            Callable[[torch.Tensor], torch.Tensor]] | None:
+    """(the compiled `bf16_tiles_(x, tiles, out)`: out = x W^T for bf16 x of any rows over W's tiled copy,
+    `tile_weight_(W)`: that copy), or None where the build failed or the CPU has no AVX-512 BF16."""
+    product, tile = _bf16_function("bf16_tiles_"), _bf16_function("tile_weight_")
+    return None if product is None else (product, tile)
 
 
 def prefill_attention_kernel() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, float], torch.Tensor] | None:

@@ -13,6 +13,11 @@ dtype. So the layout is a per-machine choice (`choose_layout`, measured once, ca
     gemv        packed, and the rows too (the modules keep views of them): a single row (batch-1 decoding)
                 runs lorakit's compiled bf16 matrix-vector product (AVX-512 BF16; lorakit.serve.lora_kernel),
                 which streams the weights faster than oneDNN at batch 1; more rows run packed. bf16 only.
+    tiles       a tiled copy (for every 16 output columns and every pair of inputs, the 16 columns' two weights
+                side by side), and the rows too: every product runs lorakit's compiled tiled kernel (AVX-512 BF16;
+                csrc/tiles.cpp), one 64-byte load of weights feeding 16 columns of every row; faster than
+                gemv's kernel at one row and than oneDNN packed at any row count on Zen 4 (README, Serving).
+                bf16 only; no more memory than packed.
 
 Every layout gives the same products up to the kernels' summation order (tested).
 """
@@ -24,9 +29,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from lorakit.serve.lora_kernel import gemv_kernel
+from lorakit.serve.lora_kernel import gemv_kernel, tiles_kernel
 
-LAYOUTS = ("transposed", "rows", "packed", "gemv")
+LAYOUTS = ("transposed", "rows", "packed", "gemv", "tiles")
+ROW_LAYOUTS = ("tiles", "gemv", "rows")  # the layouts that keep each weight's (d_out, d_in) rows, contiguous
 
 
 def packing_available(dtype: torch.dtype, device: torch.device) -> bool:
@@ -35,10 +41,11 @@ def packing_available(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 def usable_layouts(dtype: torch.dtype, device: torch.device) -> list[str]:
-    """The layouts this machine can hold weights of `dtype` in (packed and gemv need oneDNN; gemv bf16 and the
-    compiled kernel, which this checks by building it: once per machine)."""
-    packs = packing_available(dtype, device)
-    return [name for name in LAYOUTS if (name != "packed" or packs) and (name != "gemv" or packs and _has_gemv(dtype))]
+    """The layouts this machine can hold weights of `dtype` in (packed and gemv need oneDNN; gemv and tiles bf16
+    and the compiled kernels, which this checks by building them: once per machine)."""
+    packs, compiled = packing_available(dtype, device), _has_gemv(dtype) if device.type == "cpu" else False
+    needs = {"packed": packs, "gemv": packs and compiled, "tiles": compiled}
+    return [name for name in LAYOUTS if needs.get(name, True)]
 
 
 def _has_gemv(dtype: torch.dtype) -> bool:
@@ -57,9 +64,13 @@ def _packs(dtype: torch.dtype) -> bool:
 
 
 def hold(rows: torch.Tensor, layout: str) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """A (d_out, d_in) weight held in `layout`: what `product` multiplies by (gemv: (packed, rows))."""
+    """A (d_out, d_in) weight held in `layout`: what `product` multiplies by (gemv: (packed, rows); tiles:
+    (tiled, rows))."""
     if layout == "gemv":
         return hold(rows, "packed"), rows.contiguous()
+    if layout == "tiles":
+        rows = rows.contiguous()
+        return tiles_kernel()[1](rows), rows
     if layout == "transposed":
         return rows.T.contiguous()
     if layout == "packed":
@@ -75,7 +86,19 @@ def product(layout: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
         return _packed_linear
     if layout == "gemv":  # the kernel looked up once here, not on every product
         return functools.partial(_gemv_or_packed, gemv_kernel())
+    if layout == "tiles":
+        return functools.partial(_tiled, tiles_kernel()[0])
     return F.linear
+
+
+def rows_of(held: torch.Tensor | tuple[torch.Tensor, torch.Tensor], layout: str) -> torch.Tensor | None:
+    """The (d_out, d_in) rows a weight held in `layout` keeps (None: transposed and packed keep none)."""
+    return held[1] if layout in ("gemv", "tiles") else held if layout == "rows" else None
+
+
+def copy_of(held: torch.Tensor | tuple[torch.Tensor, torch.Tensor], layout: str) -> torch.Tensor | None:
+    """The copy beside the rows that the gemv (oneDNN's packed) and tiles (the tiled copy) layouts hold."""
+    return held[0] if layout in ("gemv", "tiles") else None
 
 
 def _packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
@@ -88,6 +111,13 @@ def _gemv_or_packed(gemv: Callable, x: torch.Tensor, held: tuple[torch.Tensor, t
         return _packed_linear(x, packed)
     out = x.new_empty(1, rows.shape[0])
     gemv(x.contiguous(), rows, out)
+    return out
+
+
+def _tiled(kernel: Callable, x: torch.Tensor, held: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    tiled, rows = held
+    out = x.new_empty(x.shape[0], rows.shape[0])
+    kernel(x.contiguous(), tiled, out)
     return out
 
 

@@ -127,6 +127,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("has_bf16_gemv", &has_bf16_gemv, "whether bf16_gemv_ was built (the compiler targets AVX-512 BF16)");
   m.def("bf16_gemv_", &bf16_gemv_, "out = x W^T for bf16 x (n <= 16, d_in) and W (d_out, d_in)");
+  m.def("bf16_tiles_", &bf16_tiles_, "out = x W^T for bf16 x (n, d_in) and W's tiled copy (tile_weight_)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("tile_weight_", &tile_weight_, "W (d_out, d_in) bf16 tiled for bf16_tiles_: (d_out/16, d_in/2, 16, 2), zero-padded");
   m.def("decode_step_", &decode_step_, "a whole bf16 decoding step of a Llama-family model; returns the logits",
         py::call_guard<py::gil_scoped_release>());
   m.def("prefill_attention_", &prefill_attention_, "causal attention of one bf16 prompt over its cache slot",

@@ -17,8 +17,9 @@
 // Operands (bf16 unless said; L layers, n <= 16 decoding rows, row i in cache slot i):
 //   h          (n, d) the embedded tokens, contiguous; holds the last layer's hidden states afterwards
 //   weights    4 per layer: qkv (q + 2 kv, d), o (d, q), gate_up (2 I, d), down (d, I), as nn.Linear holds them
-//   packed     oneDNN's packed copies of the weights, then the head's (the gemv layout's), for steps of more than
-//              one row; or empty (every product runs bf16_gemv)
+//   packed     copies of the weights, then the head's: oneDNN's packed copies (the gemv layout's) for steps of
+//              more than one row, or tiled copies (the tiles layout's: tile_weight_) for every step; or empty
+//              (every product runs bf16_gemv)
 //   biases     4 per layer: that product's bias (d_out), or an empty tensor for none
 //   norms      2 per layer (input, post-attention) then the final norm's: (d)
 //   head       (vocab, d) the output head's weight
@@ -310,9 +311,9 @@ void add_bias(const bf16* bias, int64_t n, int64_t d_out, bf16* out, int64_t c0,
     for (int64_t j = c0; j < c1; ++j) out[i * d_out + j] = bf16(f32(out[i * d_out + j]) + f32(bias[j]));
 }
 
-// out (n, d_out) = x W^T (+ the rows' LoRA update) (+ bias). One row: bf16_gemv on W's rows; more rows: oneDNN on
-// the packed copy where there is one (its blocked kernel computes several rows per weight load; bf16_gemv reloads
-// x for every weight row). LoRA with bf16 factors on several rows: the rows grouped by adapter (lora_blocks), each
+// out (n, d_out) = x W^T (+ the rows' LoRA update) (+ bias). With a tiled copy of W (the tiles layout): bf16_tiles
+// for any rows (tiles.cpp). Else one row: bf16_gemv on W's rows; more rows: oneDNN on the packed copy where there
+// is one (its blocked kernel computes several rows per weight load; bf16_gemv reloads x for every weight row). LoRA with bf16 factors on several rows: the rows grouped by adapter (lora_blocks), each
 // group's both parts on one thread (lora_block_bf16: its factors read once), or its columns split between the
 // threads where there are fewer groups than threads. Otherwise the columns are split between the threads, each
 // adding the LoRA update of its own columns; the lines' h = x A^T are computed first, split by line (one line: on
@@ -322,8 +323,10 @@ void project(const at::Tensor& x_t, const at::Tensor& W, const at::Tensor* packe
              const Lora& lora, int64_t layer, bf16* out) {
   const int64_t n = x_t.size(0), d_out = W.size(0), d_in = W.size(1);
   const bf16* x = x_t.data_ptr<bf16>();
-  const bool gemv = n == 1 || packed == nullptr;
-  if (!gemv) {
+  const bool tiled = packed != nullptr && !packed->is_mkldnn();
+  const bool gemv = !tiled && (n == 1 || packed == nullptr), onednn = !tiled && !gemv;
+  const bf16* tiles = tiled ? packed->data_ptr<bf16>() : nullptr;
+  if (onednn) {
     const at::Tensor y = packed_linear(x_t, *packed);
     std::copy_n(y.data_ptr<bf16>(), n * d_out, out);
   }
@@ -332,10 +335,15 @@ void project(const at::Tensor& x_t, const at::Tensor& W, const at::Tensor* packe
   const int64_t lines = lora.table->numel() ? lora.table->size(1) : 0, fields = lines ? lora.table->size(2) : 0;
   const int64_t* tp = lines ? lora.table->data_ptr<int64_t>() + layer * lines * fields : nullptr;
   const size_t blocks = lora.widths->size();
-  if (!gemv && !lines && b == nullptr) return;
+  if (onednn && !lines && b == nullptr) return;
+  auto base_columns = [&](int64_t c0, int64_t c1) {  // c0 a multiple of 16
+    if (tiled) bf16_tiles_columns(x, n, tiles, d_out, d_in, out, c0, c1);
+    if (gemv) bf16_gemv_columns(x, n, w, d_out, d_in, out, c0, c1);
+  };
   if constexpr (std::is_same_v<FT, bf16>) {
     if (lines > 1) {
       const std::vector<LoraBlock> groups = lora_blocks(tp, lines, fields);
+      if (tiled) bf16_tiles(x, n, tiles, d_out, d_in, out);
       if (gemv) bf16_gemv(x, n, w, d_out, d_in, out);
       // fewer groups than threads (rows on one adapter): each group's columns split between them, h on each
       const int64_t count = static_cast<int64_t>(groups.size()), threads = at::get_num_threads();
@@ -364,8 +372,9 @@ void project(const at::Tensor& x_t, const at::Tensor& W, const at::Tensor* packe
       }
     });
   }
-  at::parallel_for(0, d_out, 64, [&](int64_t c0, int64_t c1) {
-    if (gemv) bf16_gemv_columns(x, n, w, d_out, d_in, out, c0, c1);
+  at::parallel_for(0, (d_out + 15) / 16, 4, [&](int64_t u0, int64_t u1) {  // units of 16 columns
+    const int64_t c0 = u0 * 16, c1 = std::min(u1 * 16, d_out);
+    base_columns(c0, c1);
     if (lines == 1) {
       lora_columns<bf16, FT>(x, d_in, out, d_out, d_in, tp, 0, 1, fields, *lora.widths, c0, c1);
     } else if (lines > 1) {
@@ -435,11 +444,15 @@ at::Tensor decode_step_(const at::Tensor& h, const std::vector<at::Tensor>& weig
   }
   check(is_bf16_contiguous(norms.back()) && norms.back().numel() == s.d, "the final norm is (d) bf16");
   check(is_bf16_contiguous(head) && head.dim() == 2 && head.size(1) == s.d, "head is (vocab, d) bf16, contiguous");
-  check(packed.empty() || packed.size() == weights.size() + 1, "packed holds the weights' packed copies and the head's, or nothing");
-  for (size_t k = 0; k < packed.size(); ++k)
-    check(packed[k].is_mkldnn() && packed[k].scalar_type() == at::kBFloat16 &&
-              packed[k].sizes() == (k < weights.size() ? weights[k] : head).sizes(),
-          "a packed weight is oneDNN's bf16 copy of its weight (torch.ops.mkldnn._reorder_linear_weight)");
+  check(packed.empty() || packed.size() == weights.size() + 1, "packed holds the weights' copies and the head's, or nothing");
+  for (size_t k = 0; k < packed.size(); ++k) {
+    const at::Tensor& W = k < weights.size() ? weights[k] : head;
+    const bool tiled = !packed[0].is_mkldnn();
+    check(tiled ? !packed[k].is_mkldnn() && is_tiled_copy(packed[k], W.size(0), W.size(1))
+                : packed[k].is_mkldnn() && packed[k].scalar_type() == at::kBFloat16 && packed[k].sizes() == W.sizes(),
+          "the copies are all oneDNN's bf16 copies of their weights (torch.ops.mkldnn._reorder_linear_weight) or all "
+          "their tiled copies (tile_weight_)");
+  }
   auto packed_of = [&](size_t k) { return packed.empty() ? nullptr : &packed[k]; };
   check(lora_tables.size() == 4 && lora_widths.size() == 4, "one LoRA table and one list of widths per group");
   Lora lora[4];
@@ -495,9 +508,14 @@ at::Tensor decode_step_(const at::Tensor& h, const std::vector<at::Tensor>& weig
     project(gated, weights[4 * l + 3], packed_of(4 * l + 3), biases[4 * l + 3], lora[3], l, partp);
   }
   add_norm_rows(true, norms.back());  // the last layer's second residual add, then the final norm
-  if (s.n > 1 && !packed.empty()) return packed_linear(x, packed.back());
+  const bool tiled = !packed.empty() && !packed.back().is_mkldnn();
+  if (s.n > 1 && !packed.empty() && !tiled) return packed_linear(x, packed.back());
   at::Tensor logits = at::empty({s.n, head.size(0)}, opts);
-  bf16_gemv(xp, s.n, head.data_ptr<bf16>(), head.size(0), s.d, logits.data_ptr<bf16>());
+  if (tiled) {
+    bf16_tiles(xp, s.n, packed.back().data_ptr<bf16>(), head.size(0), s.d, logits.data_ptr<bf16>());
+  } else {
+    bf16_gemv(xp, s.n, head.data_ptr<bf16>(), head.size(0), s.d, logits.data_ptr<bf16>());
+  }
   return logits;
 }
 

@@ -137,6 +137,17 @@ void bf16_gemv_columns(const c10::BFloat16* x, int64_t n, const c10::BFloat16* W
 void bf16_gemv(const c10::BFloat16* x, int64_t n, const c10::BFloat16* W, int64_t d_out, int64_t d_in,
                c10::BFloat16* out);
 
+// out (n, d_out) = x (n, d_in) W^T, bf16, over W's tiled copy (tile_weight_; tiles.cpp), any n: the output
+// columns [c0, c1) on the calling thread (c0 a multiple of 16), or all of them split between the threads.
+void bf16_tiles_columns(const c10::BFloat16* x, int64_t n, const c10::BFloat16* tiles, int64_t d_out, int64_t d_in,
+                        c10::BFloat16* out, int64_t c0, int64_t c1);
+void bf16_tiles(const c10::BFloat16* x, int64_t n, const c10::BFloat16* tiles, int64_t d_out, int64_t d_in,
+                c10::BFloat16* out);
+// Whether `tiles` is the tiled copy of a (d_out, d_in) bf16 weight; the checked entry points, and the tiling.
+bool is_tiled_copy(const at::Tensor& tiles, int64_t d_out, int64_t d_in);
+void bf16_tiles_(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& out);
+at::Tensor tile_weight_(const at::Tensor& W);
+
 // A whole bf16 decoding step of a Llama-family model (decode_step.cpp); returns the logits.
 at::Tensor decode_step_(const at::Tensor& h, const std::vector<at::Tensor>& weights,
                         const std::vector<at::Tensor>& packed, const std::vector<at::Tensor>& biases,

@@ -6,6 +6,7 @@ machine's speed (+-20% between processes here) hits every configuration alike.
     PYTHONPATH=src python benchmarks/serve_strategies_ab.py layouts --rounds 8
     PYTHONPATH=src python benchmarks/serve_strategies_ab.py steps --rounds 8
     PYTHONPATH=src python benchmarks/serve_strategies_ab.py mixed-steps --requests 32 --rounds 3
+    PYTHONPATH=src python benchmarks/serve_strategies_ab.py mixed-layouts --requests 32 --rounds 3
     PYTHONPATH=src python benchmarks/serve_strategies_ab.py targets --requests 64 --rounds 3
 
 mixed: the seeded `lorakit bench serve` workload (8 rank-8 adapters on all 7 projections, 16 in flight) through
@@ -13,14 +14,16 @@ one engine per configuration on the same model: base (no adapters), fused, fused
 prints each one's median output tokens/s and its ratio to the base.
 decode: batch-1 decoding (64 tokens) on the base and with one unmerged adapter, fused vs gather (whose
 one-adapter path is two torch GEMMs per group); prints median tokens/s and the ratio to the base.
-layouts: batch-1 decoding on the base and with one unmerged adapter (fused), weights packed vs gemv.
+layouts: batch-1 decoding on the base and with one unmerged adapter (fused), weights packed vs gemv vs tiles.
 steps: batch-1 decoding on the base and with one unmerged adapter (fused), decoding steps as torch ops vs one
 compiled call (EngineConfig.decode_step).
 mixed-steps: the mixed workload, base and fused, decoding steps as torch ops vs one compiled call.
+mixed-layouts: the mixed workload, base and fused (the defaults otherwise), weights held gemv vs tiles.
 targets: issue 12's throughput ratios in one process, rounds interleaved, one engine with the defaults and 64
 adapters loaded: the workload on the base, mixed (over 8 adapters), swap (one adapter's requests at a time, as
 `lorakit bench serve`'s swap row), mixed:1 and mixed:64 (every request on one adapter; spread over 64), and
-llama.cpp's single-stream decoding (the default model's Q4_1 file, as its bench row).
+llama.cpp's single-stream decoding (the default model's Q4_1 file, as its bench row). --layout: the engine's
+weight layout (default auto).
 """
 from __future__ import annotations
 
@@ -61,14 +64,21 @@ def report(results: dict[str, list[float]], base: float) -> None:
         print(f"{config:12s} {median:7.1f} tokens/s  {median / base:.3f}x base  runs {[round(v, 1) for v in values]}")
 
 
-def mixed(model, tokenizer, requests: int, rounds: int, by_step: bool = False) -> None:
+def mixed(model, tokenizer, requests: int, rounds: int, by: str = "strategy") -> None:
     cfg = BenchServeConfig(requests=requests)
     paths = write_adapters(model, pathlib.Path(tempfile.mkdtemp()), cfg, cfg.adapters)
     workload = make_workload(cfg, tokenizer, cfg.adapters)
-    configs = ["base@compiled", "base@torch", "fused@compiled", "fused:bf16@compiled", "fused@torch"] if by_step else \
-        ["base", "fused", "fused:bf16", "gather"]
-    made = engines(model, tokenizer, configs, cfg.concurrency, cfg.max_prompt_tokens + cfg.new_tokens, paths,
-                   "gemv" if by_step else "auto")  # the compiled step reads the rows that gemv holds
+    seq_len = cfg.max_prompt_tokens + cfg.new_tokens
+    if by == "layout":  # "fused/tiles": the fused strategy, weights held tiled
+        made = {f"{config}/{layout}": engine for layout in ("gemv", "tiles")
+                for config, engine in engines(model, tokenizer, ["base", "fused"], cfg.concurrency, seq_len, paths,
+                                              layout).items()}
+    else:
+        configs = ["base@compiled", "base@torch", "fused@compiled", "fused:bf16@compiled", "fused@torch"] \
+            if by == "step" else ["base", "fused", "fused:bf16", "gather"]
+        made = engines(model, tokenizer, configs, cfg.concurrency, seq_len, paths,
+                       "gemv" if by == "step" else "auto")  # the compiled step reads the rows that gemv holds
+    configs = list(made)
 
     def requests_for(config: str, tokens: int) -> list[Request]:
         params = SamplingParams(max_tokens=tokens, ignore_eos=True)
@@ -86,7 +96,7 @@ def mixed(model, tokenizer, requests: int, rounds: int, by_step: bool = False) -
     report(results, statistics.median(results[configs[0]]))
 
 
-def targets(model, tokenizer, requests: int, rounds: int) -> None:
+def targets(model, tokenizer, requests: int, rounds: int, layout: str = "auto") -> None:
     import llama_cpp
 
     from lorakit.training.models import default_gguf_path
@@ -95,7 +105,8 @@ def targets(model, tokenizer, requests: int, rounds: int) -> None:
     paths = write_adapters(model, pathlib.Path(tempfile.mkdtemp()), cfg, 64)
     workload = make_workload(cfg, tokenizer, cfg.adapters)
     engine = Engine(model, tokenizer, EngineConfig(max_batch_size=cfg.concurrency, max_loaded_adapters=64,
-                                                   max_seq_len=cfg.max_prompt_tokens + cfg.new_tokens))
+                                                   max_seq_len=cfg.max_prompt_tokens + cfg.new_tokens,
+                                                   weight_layout=layout))
     for k, path in enumerate(paths):
         engine.load_adapter(f"adapter{k}", path)
     llm = llama_cpp.Llama(model_path=str(default_gguf_path()), n_ctx=256, n_threads=os.cpu_count(), verbose=False)
@@ -141,7 +152,7 @@ def decode(model, tokenizer, rounds: int, by: str = "strategy") -> None:
     paths = write_adapters(model, pathlib.Path(tempfile.mkdtemp()), cfg, 1)
     prompt = "The history of the printing press begins"
     if by == "layout":  # one fused engine per weight layout
-        made = {layout: engines(model, tokenizer, ["fused"], 1, 256, paths, layout)["fused"] for layout in ("packed", "gemv")}
+        made = {layout: engines(model, tokenizer, ["fused"], 1, 256, paths, layout)["fused"] for layout in ("packed", "gemv", "tiles")}
         runs = [(f"{layout} {name}", layout, adapter) for layout in made for name, adapter in (("base", None), ("lora", "adapter0"))]
     elif by == "step":  # one fused engine per way of running decoding steps
         made = engines(model, tokenizer, ["fused@compiled", "fused@torch"], 1, 256, paths)
@@ -166,16 +177,18 @@ def decode(model, tokenizer, rounds: int, by: str = "strategy") -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["mixed", "decode", "layouts", "steps", "mixed-steps", "targets"])
+    parser.add_argument("mode", choices=["mixed", "decode", "layouts", "steps", "mixed-steps", "mixed-layouts", "targets"])
+    parser.add_argument("--layout", default="auto", help="targets: the engine's weight layout")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     loaded = load_model("default", device=torch.device("cpu"), fast_cpu_attention=False)
     model = loaded.model.to(compute_dtype("auto", torch.device("cpu")))  # bf16 where the CPU has it, as bench serve
     if args.mode == "targets":
-        targets(model, loaded.tokenizer, args.requests, args.rounds)
-    elif args.mode in ("mixed", "mixed-steps"):
-        mixed(model, loaded.tokenizer, args.requests, args.rounds, by_step=args.mode == "mixed-steps")
+        targets(model, loaded.tokenizer, args.requests, args.rounds, args.layout)
+    elif args.mode in ("mixed", "mixed-steps", "mixed-layouts"):
+        mixed(model, loaded.tokenizer, args.requests, args.rounds,
+              by={"mixed": "strategy", "mixed-steps": "step", "mixed-layouts": "layout"}[args.mode])
     else:
         decode(model, loaded.tokenizer, args.rounds, by={"decode": "strategy", "layouts": "layout", "steps": "step"}[args.mode])
 

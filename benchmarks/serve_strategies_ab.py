@@ -7,6 +7,7 @@ machine's speed (+-20% between processes here) hits every configuration alike.
     PYTHONPATH=src python benchmarks/serve_strategies_ab.py steps --rounds 8
     PYTHONPATH=src python benchmarks/serve_strategies_ab.py mixed-steps --requests 32 --rounds 3
     PYTHONPATH=src python benchmarks/serve_strategies_ab.py mixed-layouts --requests 32 --rounds 3
+    PYTHONPATH=src python benchmarks/serve_strategies_ab.py step-layouts --rounds 4
     PYTHONPATH=src python benchmarks/serve_strategies_ab.py targets --requests 64 --rounds 3
 
 mixed: the seeded `lorakit bench serve` workload (8 rank-8 adapters on all 7 projections, 16 in flight) through
@@ -19,6 +20,8 @@ steps: batch-1 decoding on the base and with one unmerged adapter (fused), decod
 compiled call (EngineConfig.decode_step).
 mixed-steps: the mixed workload, base and fused, decoding steps as torch ops vs one compiled call.
 mixed-layouts: the mixed workload, base and fused (the defaults otherwise), weights held gemv vs tiles.
+step-layouts: one decoding step alone (no adapter, at position 200) of 1, 4, 8 and 16 rows, weights held gemv vs
+tiles; ms per step.
 targets: issue 12's throughput ratios in one process, rounds interleaved, one engine with the defaults and 64
 adapters loaded: the workload on the base, mixed (over 8 adapters), swap (one adapter's requests at a time, as
 `lorakit bench serve`'s swap row), mixed:1 and mixed:64 (every request on one adapter; spread over 64), and
@@ -37,6 +40,7 @@ import time
 import torch
 
 from lorakit.serve import Engine, EngineConfig, Request, SamplingParams
+from lorakit.serve.step_batch import StepBatch
 from lorakit.tools.serve_workload import (BenchServeConfig, make_workload, serve_closed_loop,
                                           serve_one_adapter_at_a_time, summarize_handles, write_adapters)
 from lorakit.training.models import compute_dtype, load_model
@@ -147,6 +151,27 @@ def targets(model, tokenizer, requests: int, rounds: int, layout: str = "auto") 
           f"factors {str(engine.lora_dtype).replace('torch.', '')})")
 
 
+def step_layouts(model, tokenizer, rounds: int, position: int = 200) -> None:
+    made = {layout: Engine(model, tokenizer, EngineConfig(max_batch_size=16, max_seq_len=position + 64,
+                                                          weight_layout=layout)) for layout in ("gemv", "tiles")}
+    ids = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
+    results: dict[tuple[int, str], list[float]] = {}
+    for _ in range(rounds):
+        for rows in (1, 4, 8, 16):
+            batch = StepBatch(ids([5] * rows), ids([position] * rows), rows, [], ids(list(range(rows))), None)
+            for layout, engine in made.items():
+                for _ in range(2):
+                    engine.runner.forward(batch)
+                start = time.perf_counter()
+                for _ in range(10):
+                    engine.runner.forward(batch)
+                results.setdefault((rows, layout), []).append((time.perf_counter() - start) / 10 * 1e3)
+    print(f"one decoding step at position {position}, no adapter (steps {made['tiles'].decode_step}):")
+    for rows in (1, 4, 8, 16):
+        gemv, tiles = (statistics.median(results[rows, layout]) for layout in made)
+        print(f"  {rows:2d} rows: gemv {gemv:6.2f} ms  tiles {tiles:6.2f} ms  ({gemv / tiles:.2f}x)")
+
+
 def decode(model, tokenizer, rounds: int, by: str = "strategy") -> None:
     cfg = BenchServeConfig()
     paths = write_adapters(model, pathlib.Path(tempfile.mkdtemp()), cfg, 1)
@@ -177,14 +202,17 @@ def decode(model, tokenizer, rounds: int, by: str = "strategy") -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["mixed", "decode", "layouts", "steps", "mixed-steps", "mixed-layouts", "targets"])
+    parser.add_argument("mode", choices=["mixed", "decode", "layouts", "steps", "mixed-steps", "mixed-layouts",
+                                         "step-layouts", "targets"])
     parser.add_argument("--layout", default="auto", help="targets: the engine's weight layout")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     loaded = load_model("default", device=torch.device("cpu"), fast_cpu_attention=False)
     model = loaded.model.to(compute_dtype("auto", torch.device("cpu")))  # bf16 where the CPU has it, as bench serve
-    if args.mode == "targets":
+    if args.mode == "step-layouts":
+        step_layouts(model, loaded.tokenizer, args.rounds)
+    elif args.mode == "targets":
         targets(model, loaded.tokenizer, args.requests, args.rounds, args.layout)
     elif args.mode in ("mixed", "mixed-steps", "mixed-layouts"):
         mixed(model, loaded.tokenizer, args.requests, args.rounds,

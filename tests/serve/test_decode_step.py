@@ -88,12 +88,14 @@ def test_the_compiled_step_is_as_close_to_fp32_as_the_torch_path(kind, head_dim,
 @needs_step
 @torch.no_grad()
 @pytest.mark.parametrize("layout", ["tiles", "gemv"])
-@pytest.mark.parametrize("names", [[*ADAPTERS, None, "r4"], ["r8dora"] * 3], ids=["mixed", "one-adapter"])
+@pytest.mark.parametrize("names", [[*ADAPTERS, None, "r4"], ["r8dora"] * 3, ["r8dora", None], ["patterns"]],
+                         ids=["mixed", "one-adapter", "one-row-and-base", "one-row"])
 def test_every_step_of_a_mixed_batch_of_adapters_matches_the_torch_path(tiny_model_dir, smollm_tokenizer, adapter_dirs,
                                                                          names, layout):
     """mixed: different ranks, per-module ranks, rsLoRA, DoRA (lorakit's and PEFT's), the base, two rows on one
     adapter (one block of the kernel); one-adapter: every row on one DoRA adapter (its columns split between the
-    threads)."""
+    threads); one-row(-and-base): a single adapted row (the update in the product's own pass), DoRA beside a row on
+    the base, and an adapter that leaves some projections alone (batch-1 decoding)."""
     engine = Engine(base_model(tiny_model_dir, torch.bfloat16), smollm_tokenizer,
                     EngineConfig(max_seq_len=96, max_batch_size=6, lora_strategy="fused", prefill="separate",
                                  decode_step="compiled", weight_layout=layout))

@@ -313,11 +313,13 @@ void add_bias(const bf16* bias, int64_t n, int64_t d_out, bf16* out, int64_t c0,
 
 // out (n, d_out) = x W^T (+ the rows' LoRA update) (+ bias). With a tiled copy of W (the tiles layout): bf16_tiles
 // for any rows (tiles.cpp). Else one row: bf16_gemv on W's rows; more rows: oneDNN on the packed copy where there
-// is one (its blocked kernel computes several rows per weight load; bf16_gemv reloads x for every weight row). LoRA with bf16 factors on several rows: the rows grouped by adapter (lora_blocks), each
-// group's both parts on one thread (lora_block_bf16: its factors read once), or its columns split between the
-// threads where there are fewer groups than threads. Otherwise the columns are split between the threads, each
-// adding the LoRA update of its own columns; the lines' h = x A^T are computed first, split by line (one line: on
-// each thread, where they cost less than a second hand-off between the threads).
+// is one (its blocked kernel computes several rows per weight load; bf16_gemv reloads x for every weight row).
+// LoRA with bf16 factors: several rows are grouped by adapter (lora_blocks), each group's both parts on one thread
+// (lora_block_bf16: its factors read once), or its columns split between the threads where there are fewer groups
+// than threads; one row runs the same kernel in the product's own pass over the columns, h on each thread (it
+// costs less than a second hand-off between the threads). fp32 factors: the columns are split between the threads,
+// each adding the LoRA update of its own columns, the lines' h = x A^T computed first, split by line (one line: on
+// each thread).
 template <typename FT>
 void project(const at::Tensor& x_t, const at::Tensor& W, const at::Tensor* packed, const at::Tensor& bias,
              const Lora& lora, int64_t layer, bf16* out) {
@@ -372,10 +374,18 @@ void project(const at::Tensor& x_t, const at::Tensor& W, const at::Tensor* packe
       }
     });
   }
+  // one row with bf16 factors: its h with AVX-512 BF16 dot products (lora_block_bf16)
+  std::vector<LoraBlock> one;
+  if constexpr (std::is_same_v<FT, bf16>) {
+    if (lines == 1) one = lora_blocks(tp, 1, fields);  // none where the adapter leaves this layer's group alone
+  }
   at::parallel_for(0, (d_out + 15) / 16, 4, [&](int64_t u0, int64_t u1) {  // units of 16 columns
     const int64_t c0 = u0 * 16, c1 = std::min(u1 * 16, d_out);
     base_columns(c0, c1);
-    if (lines == 1) {
+    if (lines == 1 && std::is_same_v<FT, bf16>) {
+      std::vector<float> h;
+      for (const LoraBlock& block : one) lora_block_bf16(x, d_in, out, d_out, d_in, *lora.widths, block, h, c0, c1);
+    } else if (lines == 1) {
       lora_columns<bf16, FT>(x, d_in, out, d_out, d_in, tp, 0, 1, fields, *lora.widths, c0, c1);
     } else if (lines > 1) {
       std::vector<float> acc(c1 - c0);

@@ -28,7 +28,7 @@ import torch
 from lorakit.serve import Engine, EngineConfig, Request, SamplingParams
 from lorakit.serve.multi_lora import FusedPlan, LoraBatch
 from lorakit.serve.step_batch import StepBatch
-from lorakit.tools.serve_workload import (BenchServeConfig, make_workload, serve_closed_loop,
+from lorakit.tools.serve_workload import (BenchServeConfig, make_workload, ms_per_step, serve_closed_loop,
                                           serve_one_adapter_at_a_time, summarize_handles, write_adapters)
 from lorakit.training.models import compute_dtype, load_model
 
@@ -90,12 +90,7 @@ def step(model, tokenizer, rounds: int, rows: int = 16, position: int = 200) -> 
     results: dict[str, list[float]] = {name: [] for name in batches}
     for _ in range(rounds):
         for name, batch in batches.items():
-            for _ in range(2):
-                engine.runner.forward(batch)
-            start = time.perf_counter()
-            for _ in range(15):
-                engine.runner.forward(batch)
-            results[name].append((time.perf_counter() - start) / 15 * 1e3)
+            results[name].append(ms_per_step(engine.runner.forward, batch, 15))
     base = statistics.median(results["no adapter"])
     print(f"one decoding step, {rows} rows at position {position} (steps {engine.decode_step}, LoRA "
           f"{engine.lora_strategy}, factors {str(engine.lora_dtype).replace('torch.', '')}):")

@@ -41,7 +41,7 @@ import torch
 
 from lorakit.serve import Engine, EngineConfig, Request, SamplingParams
 from lorakit.serve.step_batch import StepBatch
-from lorakit.tools.serve_workload import (BenchServeConfig, make_workload, serve_closed_loop,
+from lorakit.tools.serve_workload import (BenchServeConfig, make_workload, ms_per_step, serve_closed_loop,
                                           serve_one_adapter_at_a_time, summarize_handles, write_adapters)
 from lorakit.training.models import compute_dtype, load_model
 
@@ -160,12 +160,7 @@ def step_layouts(model, tokenizer, rounds: int, position: int = 200) -> None:
         for rows in (1, 4, 8, 16):
             batch = StepBatch(ids([5] * rows), ids([position] * rows), rows, [], ids(list(range(rows))), None)
             for layout, engine in made.items():
-                for _ in range(2):
-                    engine.runner.forward(batch)
-                start = time.perf_counter()
-                for _ in range(10):
-                    engine.runner.forward(batch)
-                results.setdefault((rows, layout), []).append((time.perf_counter() - start) / 10 * 1e3)
+                results.setdefault((rows, layout), []).append(ms_per_step(engine.runner.forward, batch, 10))
     print(f"one decoding step at position {position}, no adapter (steps {made['tiles'].decode_step}):")
     for rows in (1, 4, 8, 16):
         gemv, tiles = (statistics.median(results[rows, layout]) for layout in made)

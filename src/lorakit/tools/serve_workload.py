@@ -125,6 +125,17 @@ def write_adapters(model, directory: Path, cfg: BenchServeConfig, count: int) ->
 
 
 # ---- measuring -----------------------------------------------------------------------------------------
+def ms_per_step(forward, batch, repeats: int) -> float:
+    """Milliseconds per call of `forward(batch)` (a runner's step, the same cache rows each time), after two
+    warm-up calls: for the benchmarks that time one step alone."""
+    for _ in range(2):
+        forward(batch)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        forward(batch)
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
 def percentiles(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"p50": None, "p95": None}

@@ -15,9 +15,9 @@ dtype. So the layout is a per-machine choice (`choose_layout`, measured once, ca
                 which streams the weights faster than oneDNN at batch 1; more rows run packed. bf16 only.
     tiles       a tiled copy (for every 16 output columns and every pair of inputs, the 16 columns' two weights
                 side by side), and the rows too: every product runs lorakit's compiled tiled kernel (AVX-512 BF16;
-                csrc/tiles.cpp), one 64-byte load of weights feeding 16 columns of every row; faster than
-                gemv's kernel at one row and than oneDNN packed at any row count on Zen 4 (README, Serving).
-                bf16 only; no more memory than packed.
+                csrc/tiles.cpp), one 64-byte load of weights feeding 16 columns of every row; on Zen 4 faster
+                than gemv's kernel at one row and than oneDNN packed up to 64 rows, as fast beyond (README,
+                Serving). bf16 only; no more memory than packed.
 
 Every layout gives the same products up to the kernels' summation order (tested).
 """
@@ -43,13 +43,13 @@ def packing_available(dtype: torch.dtype, device: torch.device) -> bool:
 def usable_layouts(dtype: torch.dtype, device: torch.device) -> list[str]:
     """The layouts this machine can hold weights of `dtype` in (packed and gemv need oneDNN; gemv and tiles bf16
     and the compiled kernels, which this checks by building them: once per machine)."""
-    packs, compiled = packing_available(dtype, device), _has_gemv(dtype) if device.type == "cpu" else False
+    packs, compiled = packing_available(dtype, device), device.type == "cpu" and _has_compiled_kernels(dtype)
     needs = {"packed": packs, "gemv": packs and compiled, "tiles": compiled}
     return [name for name in LAYOUTS if needs.get(name, True)]
 
 
-def _has_gemv(dtype: torch.dtype) -> bool:
-    return dtype == torch.bfloat16 and gemv_kernel() is not None
+def _has_compiled_kernels(dtype: torch.dtype) -> bool:  # gemv's and tiles' (one build: both or neither)
+    return dtype == torch.bfloat16 and gemv_kernel() is not None and tiles_kernel() is not None
 
 
 @functools.cache
